@@ -1,0 +1,60 @@
+"""Which implementation runs an op: the Triton kernels or the pure-torch reference.
+
+``PLORA_BACKEND=auto|triton|torch`` overrides the default (auto: Triton for CUDA tensors when Triton is
+importable, the reference otherwise). ``TRITON_INTERPRET=1`` lets the Triton kernels run on CPU tensors,
+which is how CI exercises them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the machine
+        return False
+    return True
+
+
+def requested_backend() -> str:
+    name = os.environ.get("PLORA_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"PLORA_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor ``t`` should run the Triton kernels."""
+    name = requested_backend()
+    if name == "torch":
+        return False
+    runnable = triton_available() and (t.is_cuda or (interpreting() and t.device.type == "cpu"))
+    if name == "triton" and not runnable:
+        raise RuntimeError(
+            "PLORA_BACKEND=triton needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+            f"got a tensor on {t.device} with triton {'installed' if triton_available() else 'missing'}"
+        )
+    if name == "auto":
+        return triton_available() and t.is_cuda
+    return True
+
+
+def describe() -> dict[str, str]:
+    """What the ops will run on CPU and on CUDA tensors, for ``plora info``."""
+    wanted = requested_backend() != "torch" and triton_available()
+    return {
+        "cpu": "triton (interpreter)" if wanted and interpreting() else "torch reference",
+        "cuda": "triton" if wanted else "torch reference",
+    }

@@ -1,0 +1,98 @@
+"""lora_linear: y = x W^T + bias + s (x A^T) B^T, differentiable, as torch.library custom ops.
+
+Two ops carry the work, so torch.compile sees them as single nodes (no graph breaks):
+``plora::lora_linear_fwd`` returns (y, xa) and ``plora::lora_linear_bwd`` returns (dx, dA, dB). Each picks
+its backend per call (see :mod:`plora_kernels._backend`). Backward saves only x and the M x r ``xa``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._backend import use_triton
+from . import reference
+from .checks import check_linear_args
+
+
+@torch.library.custom_op("plora::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    if use_triton(x):
+        from .triton.lora_matmul import lora_matmul
+
+        xa = lora_matmul(x, lora_A.t())
+        return lora_matmul(x, weight.t(), lora_s=xa, lora_l=lora_B.t(), scaling=scaling, bias=bias), xa
+    return reference.lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias)
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, lora_A, lora_B, scaling, bias):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("plora::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    compute_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if use_triton(dy):
+        from .triton.lora_matmul import lora_matmul
+
+        dy = dy.contiguous()
+        g = lora_matmul(dy, lora_B)
+        dx = lora_matmul(dy, weight, lora_s=g, lora_l=lora_A, scaling=scaling) if compute_dx else None
+        grad_A, grad_B = reference.lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling)
+    else:
+        dx, grad_A, grad_B = reference.lora_linear_backward(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx)
+    # custom ops return tensors only: an unneeded dx is an empty placeholder
+    return (dx if dx is not None else dy.new_empty(0)), grad_A, grad_B
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx):
+    dx = dy.new_empty(dy.shape[0], weight.shape[1]) if compute_dx else dy.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, scaling, bias = inputs
+    _, xa = output
+    ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+    ctx.scaling = scaling
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward(ctx, dy, _dxa):
+    x, xa, weight, lora_A, lora_B = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad
+    dx, grad_A, grad_B = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, ctx.scaling, need_x)
+    grad_W = (dy.t() @ x).to(weight.dtype) if need_w else None  # only when W is unfrozen
+    grad_bias = dy.sum(0) if need_bias else None
+    return (dx if need_x else None), grad_W, grad_A, grad_B, None, grad_bias
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None = None) -> Tensor:
+    """Fused LoRA linear: ``x @ weight.T + bias + scaling * (x @ lora_A.T) @ lora_B.T``.
+
+    Args:
+        x: input of shape (..., in_features), same dtype as ``weight``.
+        weight: frozen base weight (out_features, in_features).
+        lora_A: (r, in_features); lora_B: (out_features, r). Any float dtype: they are cast to x's dtype
+            for the product, and their gradients come back in their own dtype.
+        scaling: alpha / r, a Python float.
+        bias: optional (out_features,).
+
+    Differentiable in x, lora_A, lora_B (and weight/bias when they require grad). ``B @ A`` is never
+    formed; backward keeps x and the (M, r) product ``x @ lora_A.T``. CUDA tensors run the Triton kernels,
+    CPU tensors the pure-torch reference (``PLORA_BACKEND`` overrides).
+    """
+    scaling = check_linear_args(x, weight, lora_A, lora_B, scaling, bias)
+    lead = x.shape[:-1]
+    y, _ = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, scaling, bias)
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,128 @@
+"""Triton kernel: C = A @ B + scaling * S @ L (+ bias), a GEMM with a low-rank term fused in.
+
+Every GEMM of the LoRA linear is this one kernel:
+    forward   xa = x @ lora_A^T                          (no low-rank term; N = r)
+              y  = x @ W^T  + s * xa @ lora_B^T + bias
+    backward  g  = dy @ lora_B                           (N = r)
+              dx = dy @ W   + s * g  @ lora_A
+The low-rank term seeds the fp32 accumulator before the K loop (the idea LoRAFusion uses), so y and dx are
+written once, in one rounding, and the LoRA cost is one extra (BLOCK_M x r) x (r x BLOCK_N) dot per tile.
+B and L are passed as strided views, so W^T and lora_B^T cost no copies.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._backend import interpreting
+
+
+def _configs():
+    if interpreting():
+        # the interpreter's cost is per program: few large tiles, no tuning
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4)]
+    shapes = [
+        # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): Hopper-friendly big tiles first, then skinny-N
+        # tiles for the N = r products (xa, g) where the grid would otherwise be too small
+        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 64, 4, 8),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (32, 32, 256, 4, 4),
+        (64, 32, 128, 4, 4), (64, 16, 256, 3, 4), (32, 16, 256, 3, 4),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for m, n, k, s, w in shapes]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_LORA"])
+@triton.jit
+def _lora_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, s_ptr, l_ptr, bias_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_sm, stride_sr, stride_lr, stride_ln,
+    scaling,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped ordering: GROUP_M row panels share each column panel of B while it is in L2
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    dtype = a_ptr.dtype.element_ty
+    if UPCAST:
+        dtype = tl.float32  # the interpreter multiplies bf16 bit patterns; fp32 is right there
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        # low-rank term first; the factors (possibly fp32 adapters) are cast to the input's dtype, as
+        # the reference does. r is padded to BLOCK_R >= 16, the smallest dot.
+        rr = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            s = tl.load(s_ptr + rm[:, None] * stride_sm + (r0 + rr)[None, :] * stride_sr,
+                        mask=mask_m[:, None] & ((r0 + rr) < R)[None, :], other=0.0)
+            l = tl.load(l_ptr + (r0 + rr)[:, None] * stride_lr + rn[None, :] * stride_ln,
+                        mask=((r0 + rr) < R)[:, None] & mask_n[None, :], other=0.0)
+            acc += tl.dot(s.to(dtype), l.to(dtype), input_precision=PRECISION)
+        acc = acc * scaling
+
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=((k0 + rk) < K)[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(a.to(dtype), b.to(dtype), input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None = None,
+                lora_l: torch.Tensor | None = None, scaling: float = 1.0,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``a @ b + scaling * lora_s @ lora_l + bias`` in a's dtype with fp32 accumulation.
+
+    a: (M, K); b: (K, N) any strides; lora_s: (M, R) and lora_l: (R, N), any float dtype (cast to a's);
+    bias: (N,). Shapes are the caller's contract (checked at the public API).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    has_lora = lora_s is not None
+    R = lora_s.shape[1] if has_lora else 0
+    s = lora_s if has_lora else a  # placeholders: never read when the flags are off
+    l = lora_l if has_lora else b
+    precision = "ieee" if a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _lora_matmul_kernel[grid](
+        a, b, c, s, l, bias if bias is not None else a,
+        M, N, K, R,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        s.stride(0), s.stride(1), l.stride(0), l.stride(1),
+        scaling,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+        UPCAST=interpreting() and a.dtype == torch.bfloat16, PRECISION=precision,
+        BLOCK_R=min(64, max(16, triton.next_power_of_2(R))),
+    )
+    return c

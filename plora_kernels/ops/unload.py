@@ -1,0 +1,104 @@
+"""unload_: merge the adapter into the base weight in place with one rounding, then reset the adapter.
+
+The rule (this package's; see DESIGN): with c = 1 - momentum,
+    W <- round(W + c * s * B A)          computed in fp32, rounded once into W's dtype
+    m = 0: B <- 0, A <- a fresh nn.Linear-style draw;   m > 0: B <- m B, A kept
+so for m > 0 the layer's output is unchanged up to rounding: (W + c s B A) + s (m B) A = W + s B A.
+
+Safety: an unload that would put a non-finite value into W raises and leaves W, A, B bit-identical.
+On the kernel path this costs nothing extra in steady state: a bound |W + c s B A| <= max|W| + c s
+sum_k max|B_k| max|A_k| proves most merges safe, where max|W| comes from the previous unload's kernel (it
+reports max |new W| for free) or, the first time, from one read of W. Only a merge the bound cannot clear
+runs the kernel twice: a dry run with the same random stream, then the real one.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .._backend import use_triton
+from . import reference
+from .checks import check_unload_args
+
+# weight -> (data_ptr, _version, max |W| as a 1-element fp32 tensor) from our last write
+_AMAX_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+_BOUND_MARGIN = 1.0 + 2.0**-10  # covers fp32 rounding in the kernel's sum of r products and the add
+
+
+def _check_finite_factors(lora_A, lora_B) -> None:
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"unload_: {name} contains non-finite values; weight, lora_A and lora_B were left unchanged")
+
+
+def _overflow_error(weight) -> ValueError:
+    return ValueError(
+        f"unload_: merging would write a non-finite value into the {weight.dtype} weight (overflow or a "
+        "non-finite entry already in it); weight, lora_A and lora_B were left unchanged")
+
+
+def _draw_seed(generator, device) -> int:
+    gen_device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gen_device).item())
+
+
+def _known_amax(weight):
+    hit = _AMAX_CACHE.get(weight)
+    if hit is not None and hit[0] == weight.data_ptr() and hit[1] == weight._version:
+        return hit[2]
+    return None
+
+
+def _unload_triton(weight, lora_A, lora_B, coef, rounding, generator) -> None:
+    from .triton.unload import merge_
+
+    seed = _draw_seed(generator, weight.device) if rounding == "stochastic" else 0
+    amax = _known_amax(weight)
+    if amax is None:  # first unload of this weight, or it changed since: one read of W
+        amax = torch.linalg.vector_norm(weight, float("inf"), dtype=torch.float32).reshape(1)
+    bound = (lora_B.abs().amax(0).float() * lora_A.abs().amax(1).float()).sum() * abs(coef)
+    limit = torch.finfo(weight.dtype).max
+    if not bool(((amax + bound) * _BOUND_MARGIN <= limit).all()):
+        if not bool(torch.isfinite(merge_(weight, lora_A, lora_B, coef, rounding, seed, write=False)).all()):
+            raise _overflow_error(weight)
+    stats = merge_(weight, lora_A, lora_B, coef, rounding, seed, write=True)
+    torch.autograd.graph.increment_version(weight)  # raw kernel writes are invisible to autograd otherwise
+    _AMAX_CACHE[weight] = (weight.data_ptr(), weight._version, stats)
+
+
+def _unload_reference(weight, lora_A, lora_B, scaling, momentum, rounding, generator) -> None:
+    new = reference.unload_value(weight, lora_A, lora_B, scaling, momentum, rounding, generator)
+    if not bool(torch.isfinite(new).all()):
+        raise _overflow_error(weight)
+    weight.copy_(new)
+
+
+def unload_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,
+            momentum: float = 0.0, rounding: str = "nearest", generator: torch.Generator | None = None) -> None:
+    """Merge ``scaling * lora_B @ lora_A`` into ``weight`` in place and reset the adapter (PeriodicLoRA).
+
+    Args:
+        weight: (out, in) base weight, fp16/bf16/fp32; updated in place with ONE rounding.
+        lora_A: (r, in), lora_B: (out, r), any float dtype; reset in place.
+        scaling: alpha / r.
+        momentum: m in [0, 1). W gets (1 - m) of the update; m = 0 zeroes B and re-draws A
+            (kaiming-uniform, a=sqrt(5)), m > 0 keeps A and scales B by m.
+        rounding: "nearest" (round-to-nearest-even) or "stochastic" (unbiased; reproducible from
+            ``generator``). Ignored for fp32 weights.
+        generator: torch.Generator for the stochastic rounding stream and A's fresh draw.
+
+    Raises ValueError/TypeError for bad arguments, and ValueError if the merge would write a non-finite
+    value into W; in every error case weight, lora_A and lora_B are left bit-identical.
+    """
+    scaling, momentum = check_unload_args(weight, lora_A, lora_B, scaling, momentum, rounding)
+    if generator is not None and generator.device.type != weight.device.type:
+        raise ValueError(f"generator is on {generator.device} but weight is on {weight.device}; pass a generator "
+                         "on the weight's device")
+    with torch.no_grad():
+        _check_finite_factors(lora_A, lora_B)
+        if use_triton(weight):
+            _unload_triton(weight, lora_A, lora_B, (1.0 - momentum) * scaling, rounding, generator)
+        else:
+            _unload_reference(weight, lora_A, lora_B, scaling, momentum, rounding, generator)
+        reference.reset_factors_(lora_A, lora_B, momentum, generator)
