@@ -1,0 +1,116 @@
+"""PLoRALinear: a drop-in nn.Linear with a periodically unloaded LoRA adapter."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops import lora_linear, unload_
+from ..ops.checks import ROUNDINGS
+from ..ops.reference import init_lora_A_
+
+
+def default_rounding(dtype: torch.dtype) -> str:
+    """Stochastic for 16-bit weights, where nearest rounding erases updates below half an ulp."""
+    return "stochastic" if dtype in (torch.float16, torch.bfloat16) else "nearest"
+
+
+class PLoRALinear(nn.Module):
+    """``y = x W^T + b + (alpha / r) (x A^T) B^T`` with W, b frozen and A, B trainable (PEFT's names).
+
+    ``unload_()`` merges the adapter into W (one rounding) and resets it, see :func:`plora_kernels.unload_`.
+
+    Args:
+        in_features, out_features, bias: as nn.Linear.
+        r: adapter rank. alpha: LoRA alpha; ``scaling = alpha / r``.
+        momentum: fraction of the adapter kept at each unload (0: merge all and re-initialise).
+        rounding: "nearest" or "stochastic"; None picks stochastic for fp16/bf16 weights, else nearest.
+        adapter_dtype: dtype of lora_A/lora_B; None keeps fp32 adapters on a 16-bit base (PEFT's default).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, bias: bool = True, *,
+                 momentum: float = 0.0, rounding: str | None = None, device=None, dtype=None,
+                 adapter_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if rounding is not None and rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS} or None, got {rounding!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        if adapter_dtype is None:
+            adapter_dtype = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=adapter_dtype))
+        self.r, self.alpha = r, alpha
+        self.momentum = float(momentum)
+        self.rounding = rounding or default_rounding(self.weight.dtype)
+        self.register_buffer("num_unloads", torch.zeros((), dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def reset_parameters(self) -> None:
+        """Base weight as nn.Linear; adapter as PEFT (A kaiming-uniform, B zero, so the adapter starts at 0)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        init_lora_A_(self.lora_A, generator)
+        self.lora_B.zero_()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, **kw) -> "PLoRALinear":
+        """Wrap an existing nn.Linear; its weight and bias are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, r, alpha, bias=linear.bias is not None,
+                    device="meta", dtype=w.dtype, **kw)
+        layer.weight = nn.Parameter(w.data, requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        adapter_dtype = layer.lora_A.dtype
+        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=adapter_dtype))
+        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=adapter_dtype))
+        layer.num_unloads = torch.zeros((), dtype=torch.long, device=w.device)
+        layer.reset_lora_parameters()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias)
+
+    def unload_(self, generator: torch.Generator | None = None) -> None:
+        """Merge the adapter into the weight (momentum rule, one rounding) and reset it; counts unloads."""
+        unload_(self.weight, self.lora_A, self.lora_B, self.scaling, momentum=self.momentum,
+                rounding=self.rounding, generator=generator)
+        self.num_unloads += 1
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A plain nn.Linear with weight round_nearest(W + s B A); this layer is left unchanged."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=self.weight.dtype)
+        # the fused unload on a copy: one new W-sized tensor and no fp32 W-sized delta
+        weight = self.weight.detach().clone()
+        unload_(weight, self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, alpha={self.alpha}, momentum={self.momentum}, rounding={self.rounding!r}, "
+                f"unloads={int(self.num_unloads)}")

@@ -1,0 +1,5 @@
+"""Training drivers: periodic unloading and the stage-aware LR schedule."""
+from .schedule import stage_cosine_schedule, stage_lr_factor
+from .unloader import PeriodicUnloader, unload_generator
+
+__all__ = ["PeriodicUnloader", "stage_cosine_schedule", "stage_lr_factor", "unload_generator"]
