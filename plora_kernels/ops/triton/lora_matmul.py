@@ -95,15 +95,16 @@ def _lora_matmul_kernel(
 
 def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None = None,
                 lora_l: torch.Tensor | None = None, scaling: float = 1.0,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``a @ b + scaling * lora_s @ lora_l + bias`` in a's dtype with fp32 accumulation.
 
     a: (M, K); b: (K, N) any strides; lora_s: (M, R) and lora_l: (R, N), any float dtype (cast to a's);
-    bias: (N,). Shapes are the caller's contract (checked at the public API).
+    bias: (N,); out: optional (M, N) destination, any strides. Shapes are the caller's contract (checked
+    at the public API).
     """
     M, K = a.shape
     N = b.shape[1]
-    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
     if M == 0 or N == 0:
         return c
     has_lora = lora_s is not None

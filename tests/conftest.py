@@ -1,0 +1,41 @@
+"""Shared fixtures. Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors: the flag
+must be set before any kernel module is imported, so it is set here, at collection time."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_runnable() -> bool:
+    from plora_kernels._backend import interpreting, triton_available
+
+    return triton_available() and (DEVICE == "cuda" or interpreting())
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run a test once on the pure-torch reference and once on the Triton kernels."""
+    if request.param == "triton" and not _triton_runnable():
+        pytest.skip("Triton is not runnable here (no CUDA and TRITON_INTERPRET unset)")
+    monkeypatch.setenv("PLORA_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN so a value the kernel forgot to write cannot pass as correct."""
+    return t.fill_(float("nan"))
