@@ -13,16 +13,16 @@ runs the kernel twice: a dry run with the same random stream, then the real one.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .._backend import use_triton
 from . import reference
 from .checks import check_unload_args
 
-# weight -> (data_ptr, _version, max |W| as a 1-element fp32 tensor) from our last write
-_AMAX_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+# attribute set on the weight by our last write: (data_ptr, _version, max |W| as a 1-element fp32 tensor);
+# kept on the tensor itself so it dies with it, and checked against the version counter so any other
+# in-place write to W invalidates it
+_AMAX_ATTR = "_plora_amax"
 _BOUND_MARGIN = 1.0 + 2.0**-10  # covers fp32 rounding in the kernel's sum of r products and the add
 
 
@@ -44,7 +44,7 @@ def _draw_seed(generator, device) -> int:
 
 
 def _known_amax(weight):
-    hit = _AMAX_CACHE.get(weight)
+    hit = getattr(weight, _AMAX_ATTR, None)
     if hit is not None and hit[0] == weight.data_ptr() and hit[1] == weight._version:
         return hit[2]
     return None
@@ -64,7 +64,7 @@ def _unload_triton(weight, lora_A, lora_B, coef, rounding, generator) -> None:
             raise _overflow_error(weight)
     stats = merge_(weight, lora_A, lora_B, coef, rounding, seed, write=True)
     torch.autograd.graph.increment_version(weight)  # raw kernel writes are invisible to autograd otherwise
-    _AMAX_CACHE[weight] = (weight.data_ptr(), weight._version, stats)
+    setattr(weight, _AMAX_ATTR, (weight.data_ptr(), weight._version, stats))
 
 
 def _unload_reference(weight, lora_A, lora_B, scaling, momentum, rounding, generator) -> None:
