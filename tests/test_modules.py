@@ -1,0 +1,107 @@
+"""PLoRALinear and model patching on a tiny transformers Llama (built from a config, nothing downloaded)."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DEVICE
+from plora_kernels import PLoRALinear, apply_plora, merge_plora, plora_layers, unload_all_
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_llama(seed=0, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64,
+                      tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).to(DEVICE).eval()
+
+
+def test_layer_defaults_and_repr():
+    layer = PLoRALinear(129, 77, r=3, alpha=6, dtype=torch.bfloat16, device=DEVICE)
+    assert layer.scaling == 2.0 and layer.rounding == "stochastic"
+    assert layer.lora_A.dtype == torch.float32  # PEFT's default: fp32 adapters on a 16-bit base
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
+    assert "r=3" in repr(layer) and "unloads=0" in repr(layer)
+    assert PLoRALinear(8, 4).rounding == "nearest"
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        PLoRALinear(8, 4, r=0)
+    with pytest.raises(ValueError, match="momentum"):
+        PLoRALinear(8, 4, momentum=1.5)
+
+
+def test_from_linear_shares_weight_and_starts_exact():
+    lin = nn.Linear(129, 77).to(DEVICE)
+    layer = PLoRALinear.from_linear(lin, r=4, alpha=8)
+    assert layer.weight.data_ptr() == lin.weight.data_ptr()
+    x = torch.randn(3, 5, 129, device=DEVICE)
+    assert torch.equal(layer(x), lin(x))  # B = 0 at init: bit-exact
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        PLoRALinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+def test_unload_counts_and_merged_linear_matches(backend):
+    layer = PLoRALinear(64, 48, r=4, alpha=8, device=DEVICE, momentum=0.2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(6, 64, device=DEVICE)
+    merged = layer.merged_linear()
+    assert type(merged) is nn.Linear
+    torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+    before = layer(x)
+    layer.unload_()
+    assert int(layer.num_unloads) == 1 and "unloads=1" in repr(layer)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)  # m > 0: output preserved
+
+
+def test_apply_plora_defaults_skip_lm_head_and_keep_outputs():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 11), device=DEVICE)
+    with torch.no_grad():
+        want = model(ids).logits
+    apply_plora(model, r=4, alpha=8)
+    names = [n for n, _ in plora_layers(model)]
+    assert len(names) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert not any("lm_head" in n for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)  # B = 0: patched model is bit-exact at init
+
+
+def test_apply_plora_tied_head_and_target_modules():
+    model = tiny_llama(tie=True)
+    apply_plora(model, target_modules=["q_proj", "v_proj"], r=2)
+    names = [n for n, _ in plora_layers(model)]
+    assert len(names) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in names)
+    model2 = tiny_llama(tie=True)
+    apply_plora(model2, target_modules=r".*layers\.0\.mlp\..*", r=2)
+    assert [n.split(".")[-1] for n, _ in plora_layers(model2)] == ["gate_proj", "up_proj", "down_proj"]
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        apply_plora(tiny_llama(), target_modules=["nope"])
+
+
+def test_unload_all_and_merge_plora_on_llama(backend):
+    model = tiny_llama()
+    apply_plora(model, r=4, alpha=8, momentum=0.0)
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    with torch.no_grad():
+        for _, layer in plora_layers(model):
+            layer.lora_B.normal_(std=0.05)
+        want = model(ids).logits
+    merged = merge_plora(tiny_llama())  # no PLoRA layers: a no-op
+    assert not list(plora_layers(merged))
+    assert unload_all_(model) == 14
+    with torch.no_grad():
+        after_unload = model(ids).logits  # W holds the update, B = 0: same function
+    torch.testing.assert_close(after_unload, want, rtol=1e-4, atol=1e-4)
+    merge_plora(model)
+    assert not list(plora_layers(model)) and not any(isinstance(m, PLoRALinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)

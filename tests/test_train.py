@@ -1,0 +1,150 @@
+"""PeriodicUnloader (stages, optimizer-state policies, exact resume) and the stage LR schedule."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from plora_kernels import PeriodicUnloader, apply_plora, plora_layers, stage_cosine_schedule
+from plora_kernels.train import stage_lr_factor
+
+
+def _model(momentum=0.0, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 16)).to(dtype)
+    return apply_plora(model, r=2, alpha=4, momentum=momentum)
+
+
+def _batch(step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(8, 24, generator=g)
+    return x.to(dtype), torch.sin(x[:, :16] * 2).to(dtype)
+
+
+def _train(model, opt, unloader, steps, start=0, dtype=torch.float32):
+    for step in range(start, steps):
+        x, y = _batch(step, dtype)
+        loss = (model(x).float() - y.float()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        unloader.step()
+
+
+def test_unloads_every_n_steps_and_zeroes_adam_state():
+    model = _model()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    unloader = PeriodicUnloader(model, opt, every=3)
+    assert unloader.optimizer_reset == "zero"
+    w0 = [layer.weight.clone() for _, layer in plora_layers(model)]
+    _train(model, opt, unloader, 7)
+    assert unloader.num_unloads == 2
+    assert all(int(layer.num_unloads) == 2 for _, layer in plora_layers(model))
+    assert all(not torch.equal(layer.weight, w) for (_, layer), w in zip(plora_layers(model), w0))
+    _train(model, opt, unloader, 9, start=7)  # the 9th step ends a stage
+    for _, layer in plora_layers(model):
+        assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
+        for p in (layer.lora_A, layer.lora_B):
+            for value in opt.state[p].values():
+                assert torch.count_nonzero(value) == 0
+
+
+def test_scale_policy_scales_moments_by_momentum():
+    model = _model(momentum=0.25)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    unloader = PeriodicUnloader(model, opt, every=2)
+    assert unloader.optimizer_reset == "scale"
+    _train(model, opt, unloader, 1)
+    layer = next(iter(plora_layers(model)))[1]
+    before = {k: v.clone() for k, v in opt.state[layer.lora_B].items()}
+    x, y = _batch(1)
+    opt.zero_grad()
+    (model(x) - y).pow(2).mean().backward()
+    opt.step()
+    mid = {k: v.clone() for k, v in opt.state[layer.lora_B].items()}
+    unloader.step()  # ends the stage
+    after = opt.state[layer.lora_B]
+    torch.testing.assert_close(after["exp_avg"], mid["exp_avg"] * 0.25)
+    torch.testing.assert_close(after["exp_avg_sq"], mid["exp_avg_sq"] * 0.25)
+    assert torch.equal(after["step"], mid["step"]) and not torch.equal(mid["step"], before["step"])
+
+
+def test_bad_arguments():
+    model = _model()
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        PeriodicUnloader(model, None, every=0)
+    with pytest.raises(ValueError, match="optimizer_reset must be one of"):
+        PeriodicUnloader(model, None, every=2, optimizer_reset="clear")
+    with pytest.raises(ValueError, match="no PLoRALinear layers"):
+        PeriodicUnloader(nn.Linear(3, 3), None, every=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_mid_stage_is_bit_identical(dtype):
+    """Checkpoint at step 5 (mid-stage, every=4), resume in a fresh process-like setup, compare to the
+    uninterrupted run bit for bit; bf16 exercises stochastic rounding's derived generators."""
+    steps, cut = 11, 5
+
+    def fresh():
+        model = _model(dtype=dtype)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+        return model, opt, PeriodicUnloader(model, opt, every=4, seed=3)
+
+    model, opt, unloader = fresh()
+    _train(model, opt, unloader, steps, dtype=dtype)
+
+    model2, opt2, unloader2 = fresh()
+    _train(model2, opt2, unloader2, cut, dtype=dtype)
+    buf = io.BytesIO()
+    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict(), "unloader": unloader2.state_dict()}, buf)
+    del model2, opt2, unloader2
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    model3, opt3, unloader3 = fresh()
+    model3.load_state_dict(ckpt["model"])
+    opt3.load_state_dict(ckpt["opt"])
+    unloader3.load_state_dict(ckpt["unloader"])
+    _train(model3, opt3, unloader3, steps, start=cut, dtype=dtype)
+    assert unloader3.num_unloads == unloader.num_unloads == 2
+    for (k, a), (_, b) in zip(model.state_dict().items(), model3.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_plora_beats_lora_on_a_high_rank_target():
+    """Fit y = x W*^T where W* - W0 is full rank: rank-2 LoRA plateaus, rank-2 PLoRA keeps going."""
+    torch.manual_seed(0)
+    n = 32
+    target = nn.Linear(n, n, bias=False)
+    losses = {}
+    for name, every in (("lora", None), ("plora", 25)):
+        torch.manual_seed(1)
+        model = apply_plora(nn.Sequential(nn.Linear(n, n, bias=False)), r=2, alpha=2)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+        unloader = PeriodicUnloader(model, opt, every=every) if every else None
+        for step in range(400):
+            x = torch.randn(64, n)
+            loss = (model(x) - target(x).detach()).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if unloader:
+                unloader.step()
+        x = torch.randn(512, n)
+        losses[name] = (model(x) - target(x)).pow(2).mean().item()
+    assert losses["plora"] < 0.5 * losses["lora"], losses
+
+
+def test_stage_schedule_shape():
+    f = [stage_lr_factor(s, total_steps=100, every=20, warmup=5, restart_warmup=3, min_lr_ratio=0.1)
+         for s in range(100)]
+    assert f[0] < f[4] < f[5] == pytest.approx(1.0, abs=1e-3)  # warmup then the envelope's top
+    assert f[20] < f[19] and f[20] < f[21] < f[22] < f[23]  # re-warmup after the unload at step 20
+    assert f[99] >= 0.1 and f[99] < f[50]
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = stage_cosine_schedule(opt, total_steps=100, every=20, warmup=5, restart_warmup=3, min_lr_ratio=0.1)
+    for s in range(30):
+        assert opt.param_groups[0]["lr"] == pytest.approx(f[s])
+        opt.step()
+        sched.step()
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        stage_cosine_schedule(opt, 10, 0)
