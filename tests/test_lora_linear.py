@@ -15,6 +15,7 @@ SHAPES = [  # (lead dims of x, in, out, r)
     ((1,), 64, 48, 1),
     ((2, 5), 96, 40, 16),
     ((33,), 72, 130, 8),
+    ((3,), 48, 40, 80),  # r > 64: the low-rank term takes two BLOCK_R chunks
 ]
 
 

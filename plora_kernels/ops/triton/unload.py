@@ -48,7 +48,7 @@ def round_to_grid(v, u, MANT: tl.constexpr, EMIN: tl.constexpr, STOCHASTIC: tl.c
 @triton.jit
 def _unload_kernel(
     w_ptr, a_ptr, b_ptr, stats_ptr,
-    M, N, R,
+    M, N, R: tl.constexpr,
     stride_wm, stride_wn, stride_ar, stride_an, stride_bm, stride_br,
     coef, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SMALL_R: tl.constexpr,
@@ -66,7 +66,8 @@ def _unload_kernel(
     mask_n = rn < N
 
     if SMALL_R:
-        # r < 16: a dot would pad r up to 16; rank-1 updates do only the work needed
+        # r < 16: a dot would pad r up to 16; unrolled rank-1 updates do only the work needed (R is a
+        # constexpr so each rank compiles once; ranks are few)
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in tl.static_range(R):
             b_col = tl.load(b_ptr + rm * stride_bm + k * stride_br, mask=mask_m, other=0.0).to(tl.float32)
