@@ -171,3 +171,18 @@ def test_opcheck_and_compile_without_graph_breaks(backend):
     torch.testing.assert_close(compiled(inp), layer(inp))
     compiled(inp).sum().backward()
     assert layer.lora_A.grad is not None
+
+
+def test_autocast_runs_in_the_autocast_dtype(backend):
+    from plora_kernels.nn import PLoRALinear
+
+    layer = PLoRALinear(40, 24, r=4, device=DEVICE)  # fp32 weight and adapters, as under Trainer(bf16=True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 40, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad is not None
+    torch.testing.assert_close(y.float(), layer(x), rtol=3e-2, atol=3e-2)

@@ -90,8 +90,14 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
     Differentiable in x, lora_A, lora_B (and weight/bias when they require grad). ``B @ A`` is never
     formed; backward keeps x and the (M, r) product ``x @ lora_A.T``. CUDA tensors run the Triton kernels,
-    CPU tensors the pure-torch reference (``PLORA_BACKEND`` overrides).
+    CPU tensors the pure-torch reference (``PLORA_BACKEND`` overrides). Under ``torch.autocast`` x, weight
+    and bias are cast to the autocast dtype, as for ``F.linear``.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        # custom ops are invisible to autocast; cast as it would for F.linear (adapters are cast in-kernel)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     scaling = check_linear_args(x, weight, lora_A, lora_B, scaling, bias)
     lead = x.shape[:-1]
     y, _ = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, scaling, bias)
