@@ -1,0 +1,158 @@
+"""The ``plora`` command line: ``plora demo``, ``plora info`` and ``plora bench {linear,unload,train}``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+BENCHES = ("linear", "unload", "train")
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - report any import failure, not only ImportError
+        return "not installed" if isinstance(exc, ImportError) else f"import failed ({type(exc).__name__}: {exc})"
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def _nvcc() -> str:
+    path = shutil.which("nvcc")
+    if path is None:
+        return "not found"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
+        release = next((line.strip() for line in out.splitlines() if "release" in line), "")
+    except (OSError, subprocess.SubprocessError):
+        release = ""
+    return f"{path}" + (f" ({release})" if release else "")
+
+
+def _backend_lines() -> list[tuple[str, str]]:
+    """Which implementation lora_linear and unload_ run for CPU and CUDA tensors.
+
+    ``_backend.describe()`` answers; where a tensor of that kind can be made here, the answer is checked
+    against ``_backend.use_triton`` on it (the function the ops actually call) and the latter wins."""
+    import torch
+
+    from . import _backend
+
+    try:
+        described = _backend.describe()
+    except Exception as exc:  # noqa: BLE001 - e.g. a bad PLORA_BACKEND value
+        return [("backend", f"error: {exc}")]
+
+    def probe(device: str) -> str:
+        try:
+            uses = _backend.use_triton(torch.empty(1, device=device))
+        except Exception as exc:  # noqa: BLE001 - PLORA_BACKEND=triton where Triton cannot run
+            return f"error: {exc}"
+        if not uses:
+            return "torch reference"
+        return "triton (interpreter)" if device == "cpu" else "triton"
+
+    cpu = probe("cpu")
+    cuda = probe("cuda") if torch.cuda.is_available() else described.get("cuda", "unknown")
+    return [("ops on CPU tensors", cpu), ("ops on CUDA tensors", cuda)]
+
+
+def info() -> dict[str, str]:
+    """The facts ``plora info`` prints, as an ordered dict."""
+    import torch
+
+    import plora_kernels
+
+    rows: dict[str, str] = {
+        "plora_kernels": plora_kernels.__version__,
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+    }
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        rows["cuda device"] = ", ".join(names)
+        rows["torch cuda"] = str(torch.version.cuda)
+    else:
+        rows["cuda device"] = "none"
+    rows["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "(unset)")
+    rows["PLORA_BACKEND"] = os.environ.get("PLORA_BACKEND", "(unset: auto)")
+    rows.update(_backend_lines())
+    rows["nvcc"] = _nvcc()
+    return rows
+
+
+def _cmd_info(args) -> int:
+    rows = info()
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    demo.run_from_args(args)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    module_name = f"plora_kernels.bench.{args.name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name in (module_name, "plora_kernels.bench"):
+            print(f"plora bench {args.name}: the benchmark module {module_name} is not available in this install "
+                  f"({exc}).", file=sys.stderr)
+        else:
+            print(f"plora bench {args.name}: a dependency is missing: {exc}. Install the benchmark extras with "
+                  "pip install 'plora_kernels[bench]'.", file=sys.stderr)
+        return 2
+    entry = getattr(module, "main", None)
+    if not callable(entry):
+        print(f"plora bench {args.name}: {module_name} has no main(argv) function.", file=sys.stderr)
+        return 2
+    code = entry(list(args.args))
+    return code if isinstance(code, int) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import demo
+
+    parser = argparse.ArgumentParser(prog="plora", description="PeriodicLoRA kernels: demo, benchmarks, environment")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,info,bench}")
+    sub.required = True
+
+    p_demo = sub.add_parser("demo", help="LoRA vs PLoRA vs full FT on a high-rank task (CPU, ~1 min)",
+                            description=demo.__doc__.split("\n")[0])
+    demo.add_arguments(p_demo)
+    p_demo.set_defaults(func=_cmd_demo)
+
+    p_info = sub.add_parser("info", help="versions, devices and which backend the ops use")
+    p_info.set_defaults(func=_cmd_info)
+
+    p_bench = sub.add_parser("bench", help="run a benchmark: linear, unload or train (arguments are forwarded)",
+                             description="Run plora_kernels.bench.<name>.main(args); every argument after the "
+                                         "name is forwarded (try: plora bench linear --help).")
+    p_bench.add_argument("name", choices=BENCHES)
+    p_bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    p_bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+        # forward everything after the name untouched, --help and leading options included
+        return _cmd_bench(argparse.Namespace(name=argv[1], args=argv[2:]))
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
