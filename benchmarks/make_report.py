@@ -1,0 +1,291 @@
+"""Regenerate BENCHMARKS.md from every JSON record in benchmarks/results/.
+
+    python benchmarks/make_report.py [--results benchmarks/results] [--output BENCHMARKS.md]
+
+Every number in BENCHMARKS.md comes from a JSON record written by ``plora bench linear|unload`` (device,
+versions, shapes and raw medians are in the record); nothing is typed in by hand. GPU runs are listed
+first, newest first; records made without a GPU go in a separate section, labelled as CPU smoke timings of
+the pure-torch reference path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_RESULTS = HERE / "results"
+DEFAULT_OUTPUT = HERE.parent / "BENCHMARKS.md"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _f(v, spec):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    try:
+        return format(v, spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _table(head, body):
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _uniq(seq):
+    out = []
+    for x in seq:
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def _span(values):
+    lo, hi = min(values), max(values)
+    return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}"
+
+
+def load_records(results: Path):
+    """(records, problems): records are dicts with ``_path``; problems are (file name, reason)."""
+    records, problems = [], []
+    for path in sorted(results.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            problems.append((path.name, f"unreadable: {exc}"))
+            continue
+        if not isinstance(data, dict) or "environment" not in data or "results" not in data:
+            problems.append((path.name, "not a plora bench record (no environment/results)"))
+            continue
+        data["_path"] = path
+        records.append(data)
+    records.sort(key=lambda d: d["environment"].get("timestamp_utc", ""), reverse=True)
+    return records, problems
+
+
+def _is_gpu(rec) -> bool:
+    return rec["environment"].get("device_type") == "cuda"
+
+
+def _header(rec, output_dir: Path) -> list[str]:
+    env = rec["environment"]
+    cfg = rec.get("config", {})
+    name = rec.get("benchmark", "?")
+    lines = [f"### {name} — {env.get('device_name', '?')} — {env.get('timestamp_utc', '?')}", ""]
+    versions = [f"plora_kernels {env.get('plora_kernels', '?')}", f"torch {env.get('torch', '?')}",
+                f"triton {env.get('triton') or 'not installed'}"]
+    if env.get("torch_cuda"):
+        versions.append(f"CUDA {env['torch_cuda']}")
+    if env.get("compute_capability"):
+        versions.append(f"sm_{env['compute_capability'].replace('.', '')}, {env.get('sm_count', '?')} SMs, "
+                        f"{env.get('device_memory_gib', '?')} GiB")
+    commit = env.get("git_commit")
+    if commit:
+        versions.append(f"commit {commit[:10]}" + (" (with uncommitted changes)" if env.get("git_dirty") else ""))
+    lines.append(f"- **versions**: {'; '.join(versions)}")
+    if env.get("env"):
+        lines.append("- **environment**: " + ", ".join(f"`{k}={v}`" for k, v in env["env"].items()))
+    timer = _uniq(r.get("timer") for r in rec["results"] if r.get("timer"))
+    lines.append(f"- **timing**: {', '.join(timer) or '?'} median (p20/p80 in the record), warm-up "
+                 f"{cfg.get('warmup_ms', '?')} ms, repetition {cfg.get('rep_ms', '?')} ms; ours ran "
+                 f"**{cfg.get('ours_backend', '?')}**")
+    lines.append(f"- **record**: `{os.path.relpath(rec['_path'], output_dir)}`")
+    for note in rec.get("notes", []):
+        lines.append(f"- {note}")
+    for t in rec.get("targets", []):
+        lines.append(f"- **target** {t.get('what')}: {_f(t.get('value'), '.3f')} (target {t.get('target')}) — "
+                     f"{'met' if t.get('met') else 'NOT met'}")
+    lines.append("")
+    return lines
+
+
+def _contender_legend(rec) -> list[str]:
+    cont = rec.get("config", {}).get("contenders") or {}
+    if not cont:
+        return []
+    return ["Contenders: " + "; ".join(f"**{k}** = {v}" for k, v in cont.items()), ""]
+
+
+# -------------------------------------------------------------------------------------------- linear
+def _linear_tables(rec) -> list[str]:
+    rows = rec["results"]
+    contenders = _uniq(r["contender"] for r in rows)
+    labels = {r["contender"]: r.get("label", r["contender"]) for r in rows}
+    out = []
+    for mode in _uniq(r["mode"] for r in rows):
+        sub = [r for r in rows if r["mode"] == mode]
+        keys = _uniq((r["M"], r["in"], r["out"], r["r"], r.get("dtype")) for r in sub)
+        head = ["M", "in x out", "r", "dtype"] + [f"{labels[c]} ms (x floor)" for c in contenders] + \
+               [f"{labels[c]} TFLOP/s" for c in contenders if c == "ours"]
+        body = []
+        for k in keys:
+            cells = [str(k[0]), f"{k[1]} x {k[2]}", str(k[3]), str(k[4])]
+            by = {r["contender"]: r for r in sub if (r["M"], r["in"], r["out"], r["r"], r.get("dtype")) == k}
+            for c in contenders:
+                r = by.get(c)
+                if r is None or r.get("median_ms") is None:
+                    cells.append("error" if r is not None and r.get("error") else "-")
+                else:
+                    cells.append(f"{_f(r['median_ms'], '.4f')} ({_f(r.get('ratio_to_floor'), '.3f')}x)")
+            if "ours" in contenders:
+                cells.append(_f(by.get("ours", {}).get("tflops"), ".1f"))
+            body.append(cells)
+        out += [f"**{mode}**", "", _table(head, body), ""]
+    errors = [r for r in rows if r.get("error")]
+    for r in errors:
+        out.append(f"- error: {r['mode']} M={r['M']} {r['in']}x{r['out']} r={r['r']} {r['contender']}: "
+                   f"`{r['error']}`")
+    if errors:
+        out.append("")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- unload
+def _unload_tables(rec) -> list[str]:
+    rows = rec["results"]
+    contenders = [c for c in _uniq(r["contender"] for r in rows)
+                  if any(r["contender"] == c and r.get("median_ms") is not None for r in rows)]
+    skipped = _uniq((r["contender"], r["skipped"]) for r in rows if r.get("skipped"))
+    labels = {r["contender"]: r.get("label", r["contender"]) for r in rows}
+    keys = _uniq((r["out"], r["in"], r["r"], r["dtype"], r.get("factor_dtype")) for r in rows)
+    head = ["W (out x in)", "r", "W", "A,B"] + [f"{labels[c]} ms (% copy)" for c in contenders]
+    body, mem_body = [], []
+    any_mem = any(r.get("peak_extra_bytes") is not None for r in rows)
+    for k in keys:
+        by = {r["contender"]: r for r in rows if (r["out"], r["in"], r["r"], r["dtype"], r.get("factor_dtype")) == k}
+        cells = [f"{k[0]} x {k[1]}", str(k[2]), str(k[3]), str(k[4])]
+        mem = list(cells)
+        for c in contenders:
+            r = by.get(c, {})
+            if r.get("median_ms") is None:
+                cells.append("error" if r.get("error") else "-")
+            else:
+                cells.append(f"{_f(r['median_ms'], '.4f')} ({_f(r.get('pct_copy'), '.1f')}%)")
+            peak = r.get("peak_extra_bytes")
+            first = r.get("peak_extra_first_bytes")
+            m = "-" if peak is None else f"{peak / 2**20:.2f}"
+            if first is not None:
+                m += f" (first {first / 2**20:.2f})"
+            mem.append(m)
+        body.append(cells)
+        mem_body.append(mem)
+    copy_gbps = [r.get("gbps") for r in rows if r["contender"] == "copy" and r.get("gbps")]
+    out = ["**time and bandwidth** (bytes moved = 2·|W|·itemsize; % of the copy row measured in the same run"
+           + (f"; device copy measured at {_span(copy_gbps)} GB/s" if copy_gbps else "")
+           + ")", "", _table(head, body), ""]
+    if any_mem:
+        out += ["**peak extra memory, MiB** (max_memory_allocated during one call minus the allocation before "
+                "it; unload_: steady state, and in brackets the first call on a weight)", "",
+                _table(["W (out x in)", "r", "W", "A,B"] + [labels[c] for c in contenders], mem_body), ""]
+    for c, why in skipped:
+        out.append(f"- {c}: skipped ({why})")
+    for r in rows:
+        if r.get("error"):
+            out.append(f"- error: {r['out']}x{r['in']} r={r['r']} {r['dtype']} {r['contender']}: `{r['error']}`")
+    if skipped or any(r.get("error") for r in rows):
+        out.append("")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- generic
+def _generic_tables(rec) -> list[str]:
+    rows = [r for r in rec["results"] if isinstance(r, dict)]
+    if not rows:
+        return ["(no results in this record)", ""]
+    keys = _uniq(k for r in rows for k in r)
+    body = [[_f(r.get(k), ".4g") if isinstance(r.get(k), float) else ("-" if r.get(k) is None else r.get(k))
+             for k in keys] for r in rows]
+    return [_table(keys, body), ""]
+
+
+RENDERERS = {"linear": _linear_tables, "unload": _unload_tables}
+
+
+def render_record(rec, output_dir: Path) -> list[str]:
+    lines = _header(rec, output_dir) + _contender_legend(rec)
+    try:
+        lines += RENDERERS.get(rec.get("benchmark"), _generic_tables)(rec)
+    except (KeyError, TypeError, ValueError) as exc:  # an older/odd record: show it raw rather than fail
+        lines += [f"(could not tabulate this record as {rec.get('benchmark')!r}: {exc}; raw rows below)", ""]
+        lines += _generic_tables(rec)
+    plot = rec.get("plot")
+    if plot:
+        png = rec["_path"].parent / plot
+        if png.exists():
+            lines += [f"![{rec.get('benchmark')} plot]({Path(os.path.relpath(png, output_dir)).as_posix()})", ""]
+    return lines
+
+
+def render(records, problems, output_dir: Path) -> str:
+    gpu = [r for r in records if _is_gpu(r)]
+    cpu = [r for r in records if not _is_gpu(r)]
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by benchmarks/make_report.py from benchmarks/results/*.json. Do not edit by hand: "
+        "rerun the script. -->",
+        "",
+        "Generated by `python benchmarks/make_report.py` from the JSON records in `benchmarks/results/`; every "
+        "number below is copied from a record, none is typed in. Record a run on a CUDA machine with "
+        "`plora bench linear` and `plora bench unload` (add `--quick` for the target shape only), then rerun "
+        "the script.",
+        "",
+        "Method (DESIGN §5): `triton.testing.do_bench` median with warm-up and the L2 cache flushed before "
+        "each timed call, random data, every contender timed in the same process. Ratios are against "
+        "contenders measured in the same run. Targets at M=8192, in=out=4096, r=16, bf16: forward ≤ 1.05× the "
+        "base GEMM, forward+backward ≤ 1.08×; unload ≥ 85% of device copy bandwidth with no W-sized "
+        "temporary (8192×8192, r=16, bf16).",
+        "",
+        "## GPU runs",
+        "",
+    ]
+    if not gpu:
+        lines += ["No GPU run has been recorded yet: there are no numbers for the kernels on a GPU.", ""]
+    else:
+        latest = {}
+        for r in gpu:
+            latest.setdefault(r.get("benchmark"), r)
+        summary = [[name, rec["environment"].get("device_name", "?"), t.get("what"), _f(t.get("value"), ".3f"),
+                    t.get("target"), "met" if t.get("met") else "NOT met"]
+                   for name, rec in latest.items() for t in rec.get("targets", [])]
+        if summary:
+            lines += ["Targets in the latest GPU run of each benchmark:", "",
+                      _table(["benchmark", "device", "measure", "value", "target", ""], summary), ""]
+        for rec in gpu:
+            lines += render_record(rec, output_dir)
+    lines += ["## CPU smoke runs (pure-torch reference path; not kernel performance)", ""]
+    if not cpu:
+        lines += ["None recorded. (`plora bench ...` on a machine without a GPU times the reference path on a "
+                  "small shape; such timings say nothing about the kernels.)", ""]
+    else:
+        lines += ["These records were made without a GPU: they time the pure-torch reference code on a small "
+                  "shape on the CPU, to show the benchmark runs end to end. They are not kernel performance.", ""]
+        for rec in cpu:
+            lines += render_record(rec, output_dir)
+    if problems:
+        lines += ["## Files skipped", ""] + [f"- `{name}`: {why}" for name, why in problems] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="folder of JSON records")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown file to (re)write")
+    args = p.parse_args(argv)
+    records, problems = load_records(args.results) if args.results.is_dir() else ([], [])
+    output = args.output.resolve()
+    text = render(records, problems, output.parent)
+    output.write_text(text)
+    n_gpu = sum(_is_gpu(r) for r in records)
+    print(f"wrote {output}: {n_gpu} GPU record(s), {len(records) - n_gpu} CPU record(s), "
+          f"{len(problems)} file(s) skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
