@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(r'''
                                              ("bf16", "bf16", 7, -119, 3.3895313892515355e38, 64, 2),
                                              ("fp32", "fp32", 23, -126, 3.4028234663852886e38, 16, 0)):
             types = dict(w_ptr="*" + w, a_ptr="*" + f, b_ptr="*" + f, stats_ptr="*fp32", M=i32, N=i32,
-                         coef="fp32", seed=i32, **{s: i32 for s in strides})
+                         coef="fp32", seed=i32, row_offset=i32, **{s: i32 for s in strides})
             ce = dict(R=r, BLOCK_M=64, BLOCK_N=256, BLOCK_R=max(16, r), SMALL_R=r < 16,
                       DOT_FP32=f == "fp32", ROUND=rnd, MANT=mant, EMIN=emin,
                       MAX_FINITE=mx, WRITE=True)

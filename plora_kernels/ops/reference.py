@@ -61,7 +61,12 @@ def round_to(v: torch.Tensor, dtype: torch.dtype, rounding: str, generator=None)
 
 def unload_value(weight, lora_A, lora_B, scaling, momentum=0.0, rounding="nearest", generator=None):
     """The merged weight round(W + (1 - m) s B A), computed in fp32 as a new W-sized tensor (oracle only)."""
-    delta = lora_B.float() @ lora_A.float()
+    a, b = lora_A.float(), lora_B.float()
+    # summed over k one elementwise op at a time rather than by a GEMM: a BLAS GEMM may change its
+    # reduction order with the number of rows, and a row shard must merge bit for bit as the full W does
+    delta = b[:, :1] * a[:1]
+    for k in range(1, a.shape[0]):
+        delta += b[:, k:k + 1] * a[k:k + 1]
     v = weight.float() + delta.mul_((1.0 - momentum) * scaling)
     return round_to(v, weight.dtype, rounding, generator)
 

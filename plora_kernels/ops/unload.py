@@ -50,19 +50,37 @@ def _known_amax(weight):
     return None
 
 
-def _unload_triton(weight, lora_A, lora_B, coef, rounding, generator) -> None:
+def _local(flag: bool) -> bool:
+    return flag
+
+
+def _unload_triton(weight, lora_A, lora_B, coef, rounding, generator, *, row_offset: int = 0,
+                   all_ranks=_local) -> None:
+    """The kernel path of the merge (factors already checked finite; the reset is the caller's).
+
+    ``row_offset`` and ``all_ranks`` serve the sharded unload: W is rows [row_offset, ...) of a larger
+    weight, and ``all_ranks(flag)`` is the AND of ``flag`` over every rank holding a shard, so that all
+    ranks take the same branch and an overflow anywhere raises everywhere before any rank writes.
+    """
     from .triton.unload import merge_
 
     seed = _draw_seed(generator, weight.device) if rounding == "stochastic" else 0
-    amax = _known_amax(weight)
-    if amax is None:  # first unload of this weight, or it changed since: one read of W
-        amax = torch.linalg.vector_norm(weight, float("inf"), dtype=torch.float32).reshape(1)
-    bound = (lora_B.abs().amax(0).float() * lora_A.abs().amax(1).float()).sum() * abs(coef)
-    limit = torch.finfo(weight.dtype).max
-    if not bool(((amax + bound) * _BOUND_MARGIN <= limit).all()):
-        if not bool(torch.isfinite(merge_(weight, lora_A, lora_B, coef, rounding, seed, write=False)).all()):
+    if weight.numel() == 0:
+        safe = True
+    else:
+        amax = _known_amax(weight)
+        if amax is None:  # first unload of this weight, or it changed since: one read of W
+            amax = torch.linalg.vector_norm(weight, float("inf"), dtype=torch.float32).reshape(1)
+        bound = (lora_B.abs().amax(0).float() * lora_A.abs().amax(1).float()).sum() * abs(coef)
+        safe = bool(((amax + bound) * _BOUND_MARGIN <= torch.finfo(weight.dtype).max).all())
+    if not all_ranks(safe):  # the bound cannot clear it: an exact dry run with the same random stream
+        ok = weight.numel() == 0 or bool(torch.isfinite(
+            merge_(weight, lora_A, lora_B, coef, rounding, seed, write=False, row_offset=row_offset)).all())
+        if not all_ranks(ok):
             raise _overflow_error(weight)
-    stats = merge_(weight, lora_A, lora_B, coef, rounding, seed, write=True)
+    if weight.numel() == 0:
+        return
+    stats = merge_(weight, lora_A, lora_B, coef, rounding, seed, write=True, row_offset=row_offset)
     torch.autograd.graph.increment_version(weight)  # raw kernel writes are invisible to autograd otherwise
     setattr(weight, _AMAX_ATTR, (weight.data_ptr(), weight._version, stats))
 
@@ -90,7 +108,15 @@ def unload_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sc
 
     Raises ValueError/TypeError for bad arguments, and ValueError if the merge would write a non-finite
     value into W; in every error case weight, lora_A and lora_B are left bit-identical.
+
+    FSDP2 parameters (DTensors) are unloaded shard by shard without gathering W, see
+    :func:`plora_kernels.distributed.unload_dtensor_`.
     """
+    from ..distributed import is_dtensor, unload_dtensor_  # lazily: it imports this module
+
+    if is_dtensor(weight):
+        return unload_dtensor_(weight, lora_A, lora_B, scaling, momentum=momentum, rounding=rounding,
+                               generator=generator)
     scaling, momentum = check_unload_args(weight, lora_A, lora_B, scaling, momentum, rounding)
     if generator is not None and generator.device.type != weight.device.type:
         raise ValueError(f"generator is on {generator.device} but weight is on {weight.device}; pass a generator "

@@ -50,7 +50,7 @@ def _unload_kernel(
     w_ptr, a_ptr, b_ptr, stats_ptr,
     M, N, R: tl.constexpr,
     stride_wm, stride_wn, stride_ar, stride_an, stride_bm, stride_br,
-    coef, seed,
+    coef, seed, row_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SMALL_R: tl.constexpr,
     DOT_FP32: tl.constexpr, ROUND: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
     MAX_FINITE: tl.constexpr, WRITE: tl.constexpr,
@@ -92,8 +92,8 @@ def _unload_kernel(
     v = w.to(tl.float32) + coef * delta
     if ROUND == 2:
         # the stream is indexed by the element's logical position: the same seed gives the same W
-        # whatever the tiling or memory layout
-        u = tl.rand(seed, rm[:, None] * N + rn[None, :])
+        # whatever the tiling or memory layout, and a row shard (row_offset) draws what the full W would
+        u = tl.rand(seed, (rm + row_offset)[:, None] * N + rn[None, :])
         v = round_to_grid(v, u, MANT, EMIN, True)
     elif ROUND == 1:
         v = round_to_grid(v, v, MANT, EMIN, False)
@@ -116,8 +116,11 @@ def _blocks(M: int, N: int) -> tuple[int, int, int]:
 
 
 def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coef: float,
-           rounding: str, seed: int, *, write: bool) -> torch.Tensor:
+           rounding: str, seed: int, *, write: bool, row_offset: int = 0) -> torch.Tensor:
     """W <- round(W + coef B A) in place (or a dry run when ``write`` is False).
+
+    ``row_offset``: W is rows [row_offset, row_offset + M) of a larger logical weight (a sharded unload);
+    stochastic rounding then uses the random numbers the full weight's unload would use for those rows.
 
     Returns a 1-element fp32 tensor: max |new W|, or +inf if any new value is not finite in W's dtype.
     Checks are the caller's job (see ops.unload).
@@ -141,7 +144,7 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coe
         weight, lora_A, lora_B, stats, M, N, R,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1),
-        coef, seed,
+        coef, seed, row_offset,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)), SMALL_R=R < 16,
         DOT_FP32=dot_fp32, ROUND=mode, MANT=mant, EMIN=emin, MAX_FINITE=max_finite, WRITE=write,
         num_warps=warps,
