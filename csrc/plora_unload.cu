@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(THREADS)
 unload_kernel(WT* __restrict__ w, const void* __restrict__ a, const void* __restrict__ b,
               float* __restrict__ stats, int M, int N, int R,
               int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an, int64_t s_bm, int64_t s_br,
-              int a_dt, int b_dt, float coef, uint64_t seed, int write) {
+              int a_dt, int b_dt, float coef, uint64_t seed, uint32_t rand_base, int write) {
   constexpr int VEC = Tile<WT>::VEC, BN = Tile<WT>::BN;
   __shared__ __align__(16) float As[KC][BN];
   __shared__ float Bs[BM][KC + 1];
@@ -274,7 +274,7 @@ unload_kernel(WT* __restrict__ w, const void* __restrict__ a, const void* __rest
       for (int v = 0; v < VEC; ++v) {
         float mag;
         const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(pack.e[v]), acc[r][v], coef, seed,
-                                                  rand_offset(i, j0 + v, N), &mag);
+                                                  rand_base + rand_offset(i, j0 + v, N), &mag);
         tmax = fmaxf(tmax, mag);
         pack.e[v] = WTraits<WT>::store(nv);
       }
@@ -287,7 +287,7 @@ unload_kernel(WT* __restrict__ w, const void* __restrict__ a, const void* __rest
         WT* p = row + static_cast<int64_t>(j) * s_wn;
         float mag;
         const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(*p), acc[r][v], coef, seed,
-                                                  rand_offset(i, j, N), &mag);
+                                                  rand_base + rand_offset(i, j, N), &mag);
         tmax = fmaxf(tmax, mag);
         if (write) *p = WTraits<WT>::store(nv);
       }
@@ -312,7 +312,7 @@ unload_kernel(WT* __restrict__ w, const void* __restrict__ a, const void* __rest
 template <typename WT, int ROUND>
 void unload_host(WT* w, const void* a, const void* b, float* stats, int64_t M, int64_t N, int64_t R,
                  int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an, int64_t s_bm, int64_t s_br,
-                 int a_dt, int b_dt, float coef, uint64_t seed, int write) {
+                 int a_dt, int b_dt, float coef, uint64_t seed, uint32_t rand_base, int write) {
   float tmax = 0.0f;
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = 0; j < N; ++j) {
@@ -321,7 +321,7 @@ void unload_host(WT* w, const void* a, const void* b, float* stats, int64_t M, i
         delta = fadd(delta, fmul(load_factor(b, b_dt, i * s_bm + k * s_br), load_factor(a, a_dt, k * s_ar + j * s_an)));
       WT* p = w + i * s_wm + j * s_wn;
       float mag;
-      const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(*p), delta, coef, seed, rand_offset(i, j, N), &mag);
+      const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(*p), delta, coef, seed, rand_base + rand_offset(i, j, N), &mag);
       tmax = tmax > mag ? tmax : mag;
       if (write) *p = WTraits<WT>::store(nv);
     }
@@ -351,13 +351,13 @@ inline int check_args(const void* w, int w_dt, const void* a, int a_dt, const vo
 template <typename WT, int ROUND>
 int launch_typed(void* w, const void* a, int a_dt, const void* b, int b_dt, float* stats, int64_t M, int64_t N,
                  int64_t R, int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an, int64_t s_bm, int64_t s_br,
-                 float coef, uint64_t seed, int write, cudaStream_t stream) {
+                 float coef, uint64_t seed, uint32_t rand_base, int write, cudaStream_t stream) {
   constexpr int BN = Tile<WT>::BN;
   const int64_t blocks = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
   if (blocks > INT32_MAX) return E_SIZE;
   unload_kernel<WT, ROUND><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
       static_cast<WT*>(w), a, b, stats, static_cast<int>(M), static_cast<int>(N), static_cast<int>(R), s_wm, s_wn,
-      s_ar, s_an, s_bm, s_br, a_dt, b_dt, coef, seed, write);
+      s_ar, s_an, s_bm, s_br, a_dt, b_dt, coef, seed, rand_base, write);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -367,14 +367,16 @@ int launch_typed(void* w, const void* a, int a_dt, const void* b, int b_dt, floa
 // C ABI. Sizes and strides are in elements. dtype: 0 fp32, 1 fp16, 2 bf16. rounding: 0 none, 1 nearest-even,
 // 2 stochastic (an fp32 W is never rounded, whatever is passed; a 16-bit W needs 1 or 2). seed: the 64-bit
 // pattern Triton would see after widening its seed argument to uint64 (sign-extended for a negative seed).
+// rand_base: added to every element's stream offset: row_offset * N when W is a row shard starting at
+// row_offset of a larger weight, so the shard rounds with the random numbers the full weight would use.
 // Returns 0, a negative plora error code, or (launcher only) a cudaError_t.
 extern "C" {
 
-int plora_unload_abi_version(void) { return 1; }
+int plora_unload_abi_version(void) { return 2; }
 
 int plora_unload_launch(void* w, int w_dt, const void* a, int a_dt, const void* b, int b_dt, float* stats,
                         int64_t M, int64_t N, int64_t R, int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an,
-                        int64_t s_bm, int64_t s_br, float coef, uint64_t seed, int rounding, int write,
+                        int64_t s_bm, int64_t s_br, float coef, uint64_t seed, uint32_t rand_base, int rounding, int write,
                         void* stream) {
   using namespace plora;
   const int err = check_args(w, w_dt, a, a_dt, b, b_dt, stats, M, N, R, rounding);
@@ -382,7 +384,7 @@ int plora_unload_launch(void* w, int w_dt, const void* a, int a_dt, const void* 
   if (M == 0 || N == 0) return OK;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int mode = effective_rounding(w_dt, rounding);
-#define PLORA_ARGS w, a, a_dt, b, b_dt, stats, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, coef, seed, write, s
+#define PLORA_ARGS w, a, a_dt, b, b_dt, stats, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, coef, seed, rand_base, write, s
   if (w_dt == DT_F32) return launch_typed<float, ROUND_NONE>(PLORA_ARGS);
   if (w_dt == DT_F16)
     return mode == ROUND_STOCHASTIC ? launch_typed<__half, ROUND_STOCHASTIC>(PLORA_ARGS)
@@ -394,12 +396,12 @@ int plora_unload_launch(void* w, int w_dt, const void* a, int a_dt, const void* 
 
 int plora_unload_host(void* w, int w_dt, const void* a, int a_dt, const void* b, int b_dt, float* stats,
                       int64_t M, int64_t N, int64_t R, int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an,
-                      int64_t s_bm, int64_t s_br, float coef, uint64_t seed, int rounding, int write) {
+                      int64_t s_bm, int64_t s_br, float coef, uint64_t seed, uint32_t rand_base, int rounding, int write) {
   using namespace plora;
   const int err = check_args(w, w_dt, a, a_dt, b, b_dt, stats, M, N, R, rounding);
   if (err != OK) return err;
   const int mode = effective_rounding(w_dt, rounding);
-#define PLORA_ARGS a, b, stats, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, a_dt, b_dt, coef, seed, write
+#define PLORA_ARGS a, b, stats, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, a_dt, b_dt, coef, seed, rand_base, write
   if (w_dt == DT_F32) {
     unload_host<float, ROUND_NONE>(static_cast<float*>(w), PLORA_ARGS);
   } else if (w_dt == DT_F16) {

@@ -51,10 +51,31 @@ def use_triton(t: torch.Tensor) -> bool:
     return True
 
 
+UNLOAD_KERNELS = ("triton", "cuda")
+
+
+def requested_unload_kernel() -> str:
+    """``PLORA_UNLOAD_KERNEL=triton|cuda``: which kernel merges CUDA weights (default triton; cuda is the
+    csrc/ twin, built with nvcc on first use). CPU tensors under the interpreter always use Triton."""
+    name = os.environ.get("PLORA_UNLOAD_KERNEL", "triton").strip().lower() or "triton"
+    if name not in UNLOAD_KERNELS:
+        raise ValueError(f"PLORA_UNLOAD_KERNEL must be one of {UNLOAD_KERNELS}, got {name!r}")
+    return name
+
+
 def describe() -> dict[str, str]:
     """What the ops will run on CPU and on CUDA tensors, for ``plora info``."""
-    wanted = requested_backend() != "torch" and triton_available()
-    return {
-        "cpu": "triton (interpreter)" if wanted and interpreting() else "torch reference",
-        "cuda": "triton" if wanted else "torch reference",
-    }
+    name = requested_backend()
+    have = triton_available()
+    if name == "torch" or not have:
+        cpu = "torch reference"
+    elif name == "triton" and interpreting():
+        cpu = "triton (interpreter)"
+    elif name == "triton":
+        cpu = "error: PLORA_BACKEND=triton on CPU needs TRITON_INTERPRET=1"
+    else:  # auto keeps CPU tensors on the reference even when interpreting
+        cpu = "torch reference"
+    cuda = "triton" if name != "torch" and have else "torch reference"
+    if cuda == "triton" and requested_unload_kernel() == "cuda":
+        cuda = "triton (unload_: csrc CUDA kernel)"
+    return {"cpu": cpu, "cuda": cuda}

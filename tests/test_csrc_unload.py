@@ -224,6 +224,22 @@ def test_stochastic_seed_reproducible_and_unbiased():
     assert mean_err < 0.35 * nearest_err
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float16, torch.bfloat16])
+def test_row_shards_round_as_the_full_weight(w_dtype):
+    """A row shard with its row_offset takes the full weight's random numbers (FSDP2's sharded unload)."""
+    _need_lib()
+    W, A, B = _data(37, 70, 3, w_dtype, torch.float32)
+    full = W.clone()
+    cu.merge_host_(full, A, B, 0.9, "stochastic", 77, write=True)
+    for start, stop in ((0, 13), (13, 26), (26, 37)):
+        shard = W[start:stop].clone()
+        cu.merge_host_(shard, A, B[start:stop], 0.9, "stochastic", 77, write=True, row_offset=start)
+        assert _bits_equal(shard, full[start:stop]), (start, stop)
+    shard = W[13:26].clone()
+    cu.merge_host_(shard, A, B[13:26], 0.9, "stochastic", 77, write=True)  # without the offset: other numbers
+    assert not _bits_equal(shard, full[13:26])
+
+
 # (d) ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("w_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
@@ -349,3 +365,31 @@ def test_cuda_twin_dry_run_overflow():
     before = W.clone()
     assert cu.merge_(W, A, B, 1000.0, "nearest", 0, write=False).item() == float("inf")
     assert _bits_equal(W, before)
+
+
+def test_unload_kernel_choice_is_validated(monkeypatch):
+    from plora_kernels import _backend
+
+    monkeypatch.setenv("PLORA_UNLOAD_KERNEL", "cutlass")
+    with pytest.raises(ValueError, match="PLORA_UNLOAD_KERNEL"):
+        _backend.requested_unload_kernel()
+    monkeypatch.setenv("PLORA_UNLOAD_KERNEL", "cuda")
+    assert _backend.requested_unload_kernel() == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_unload_through_the_cuda_twin_equals_triton(monkeypatch, rounding):
+    """PLORA_UNLOAD_KERNEL=cuda routes plora_kernels.unload_ through csrc/ with the same result, bit for bit."""
+    _need_lib()
+    import plora_kernels as pk
+
+    W, A, B = _data(300, 520, 16, torch.bfloat16, torch.float32, device="cuda")
+    outs = []
+    for kernel in ("triton", "cuda"):
+        monkeypatch.setenv("PLORA_UNLOAD_KERNEL", kernel)
+        w, a, b = W.clone(), A.clone(), B.clone()
+        pk.unload_(w, a, b, 2.0, momentum=0.1, rounding=rounding, generator=torch.Generator("cuda").manual_seed(3))
+        outs.append((w, a, b))
+    for x, y in zip(*outs):
+        assert _bits_equal(x, y)

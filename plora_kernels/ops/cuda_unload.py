@@ -25,9 +25,12 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "plora_unload.cu"
+# the repository's csrc/ (a checkout or an editable install), else the copy setup.py ships in the package
+_HERE = Path(__file__).resolve()
+SOURCE = next((p for p in (_HERE.parents[2] / "csrc" / "plora_unload.cu", _HERE.parents[1] / "_csrc" / "plora_unload.cu")
+               if p.is_file()), _HERE.parents[2] / "csrc" / "plora_unload.cu")
 LIB_NAME = "libplora_unload.so"
-ABI_VERSION = 1
+ABI_VERSION = 2
 ARCHS = ("80", "90")
 FLAGS = (
     "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17",
@@ -142,7 +145,7 @@ def build(verbose: bool = False) -> Path:
 
 _I64, _U64, _INT, _F32, _P = ctypes.c_int64, ctypes.c_uint64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _COMMON = [_P, _INT, _P, _INT, _P, _INT, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _U64,
-           _INT, _INT]
+           ctypes.c_uint32, _INT, _INT]
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,7 +177,7 @@ def _check(lib: ctypes.CDLL, code: int, what: str) -> None:
                            f"{lib.plora_unload_error_string(code).decode()}")
 
 
-def _args(weight, lora_A, lora_B, coef, rounding, seed, write, device_type):
+def _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, device_type):
     for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise TypeError(f"{name} must be a 2-D tensor")
@@ -198,12 +201,13 @@ def _args(weight, lora_A, lora_B, coef, rounding, seed, write, device_type):
         lora_B.data_ptr(), _DTYPE_CODE[lora_B.dtype], stats.data_ptr(), M, N, R,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(coef), int(seed) & 0xFFFFFFFFFFFFFFFF,  # Triton widens its seed to uint64 (sign-extending)
+        (int(row_offset) * N) & 0xFFFFFFFF,  # the shard's first stream offset, as Triton's int32 (i + row_offset) * N
         _ROUNDING[rounding], 1 if write else 0,
     ], stats
 
 
 def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coef: float, rounding: str,
-           seed: int, *, write: bool) -> torch.Tensor:
+           seed: int, *, write: bool, row_offset: int = 0) -> torch.Tensor:
     """W <- round(W + coef B A) in place on CUDA tensors (or a dry run when ``write`` is False).
 
     Same contract as the Triton ``merge_``: returns a 1-element fp32 tensor on W's device holding max |new W|,
@@ -211,7 +215,7 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coe
     so the same seed gives the same W. Runs on the current stream of W's device. Checks beyond shapes, dtypes
     and devices are the caller's job (see ops.unload).
     """
-    args, stats = _args(weight, lora_A, lora_B, coef, rounding, seed, write, "cuda")
+    args, stats = _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, "cuda")
     lib = library()
     if weight.numel() == 0:
         return stats
@@ -222,9 +226,9 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coe
 
 
 def merge_host_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coef: float, rounding: str,
-                seed: int, *, write: bool) -> torch.Tensor:
+                seed: int, *, write: bool, row_offset: int = 0) -> torch.Tensor:
     """The same merge on CPU tensors through the library's host loop (identical element math; for tests)."""
-    args, stats = _args(weight, lora_A, lora_B, coef, rounding, seed, write, "cpu")
+    args, stats = _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, "cpu")
     lib = library()
     _check(lib, lib.plora_unload_host(*args), "host merge")
     return stats

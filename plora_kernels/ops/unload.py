@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import use_triton
+from .._backend import requested_unload_kernel, use_triton
 from . import reference
 from .checks import check_unload_args
 
@@ -50,6 +50,21 @@ def _known_amax(weight):
     return None
 
 
+def _merge_kernel(weight):
+    """The Triton merge, or its csrc/ CUDA twin for CUDA weights when PLORA_UNLOAD_KERNEL=cuda (same
+    contract, same random stream: the two give bit-identical weights)."""
+    if weight.is_cuda and requested_unload_kernel() == "cuda":
+        from . import cuda_unload
+
+        if not cuda_unload.available():
+            raise RuntimeError("PLORA_UNLOAD_KERNEL=cuda needs nvcc (or $PLORA_CSRC_LIB, a prebuilt library) "
+                               "to build csrc/plora_unload.cu")
+        return cuda_unload.merge_
+    from .triton.unload import merge_
+
+    return merge_
+
+
 def _local(flag: bool) -> bool:
     return flag
 
@@ -62,8 +77,7 @@ def _unload_triton(weight, lora_A, lora_B, coef, rounding, generator, *, row_off
     weight, and ``all_ranks(flag)`` is the AND of ``flag`` over every rank holding a shard, so that all
     ranks take the same branch and an overflow anywhere raises everywhere before any rank writes.
     """
-    from .triton.unload import merge_
-
+    merge_ = _merge_kernel(weight)
     seed = _draw_seed(generator, weight.device) if rounding == "stochastic" else 0
     if weight.numel() == 0:
         safe = True
