@@ -1,0 +1,215 @@
+"""PeriodicLoRA inside a ``transformers.Trainer``: :class:`PLoRACallback`.
+
+Two lines in a Trainer script::
+
+    model = plora_kernels.apply_plora(model, r=16, alpha=32)
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[PLoRACallback(every=500)])
+
+The callback drives a :class:`plora_kernels.PeriodicUnloader` (built from the Trainer's model and optimizer
+when training begins), so the unload rule, the optimizer-state reset and the per-unload seeds are exactly
+those of a plain training loop. Its state rides in the Trainer's checkpoints, so
+``trainer.train(resume_from_checkpoint=...)`` repeats the uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from ..nn.patching import plora_layers
+from ..train.unloader import OPTIMIZER_RESETS, PeriodicUnloader
+
+STATE_FILE = "plora_state.json"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DataParallel / DeepSpeed (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (and similar ``.optimizer`` wrappers).
+
+    The wrapper forwards ``.state`` today; unwrapping makes the reset touch the real state whatever it forwards."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def merged_update_sq_norm(model: nn.Module) -> torch.Tensor | None:
+    """Sum over PLoRALinear layers of ``||(1 - m) s B A||_F^2``: the squared norm of what an unload merges now.
+
+    ``||B A||_F^2 = trace((BᵀB)(AAᵀ))``: two r×r Gram matrices per layer, never the out×in product B A.
+    Returns a 0-d fp32 tensor on the first layer's device (no host sync), or None without layers."""
+    return _sq_norm([layer for _, layer in plora_layers(model)])
+
+
+@torch.no_grad()
+def _sq_norm(layers) -> torch.Tensor | None:
+    total = None
+    for layer in layers:
+        a, b = layer.lora_A.float(), layer.lora_B.float()
+        # both Grams are symmetric, so the trace of their product is the sum of their elementwise product
+        sq = ((b.t() @ b) * (a @ a.t())).sum().clamp_min(0.0)
+        sq = sq * ((1.0 - layer.momentum) * layer.scaling) ** 2
+        total = sq if total is None else total + sq.to(total.device)
+    return total
+
+
+class PLoRACallback(TrainerCallback, ExportableState):
+    """Unload every PLoRALinear of the Trainer's model every ``every`` optimizer steps.
+
+    A Trainer "step" (``state.global_step``) is an optimizer step: with ``gradient_accumulation_steps=k`` an
+    unload happens every ``every * k`` micro-batches. The unload runs in ``on_step_end``, after the optimizer
+    and LR-scheduler steps of that step and before the Trainer logs or saves it, so a checkpoint written at an
+    unload step already holds the merged weights.
+
+    Args:
+        every: stage length in optimizer steps.
+        momentum: if given, set as ``momentum`` on every PLoRALinear when training begins (fraction of the
+            adapter kept at each unload, in [0, 1)); None keeps each layer's own value.
+        optimizer_reset: the adapters' optimizer-state policy at an unload, "zero", "scale" or "keep"; None
+            picks "zero" when every layer has momentum 0, else "scale" (see :class:`PeriodicUnloader`).
+        seed: base seed of the fresh lora_A draws and of stochastic rounding (the same on every rank).
+
+    Logs (added to each Trainer log after the first unload): ``plora/unloads`` (unloads so far) and
+    ``plora/delta_norm`` (Frobenius norm, over all layers together, of the update merged at the last unload).
+    Reporting integrations (``report_to``) registered before this callback receive its logs only if it is
+    moved to the front: ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(PLoRACallback))``.
+
+    Checkpoints: the unloader's state is stored in ``trainer_state.json`` (transformers' stateful-callback
+    record, which travels with the checkpoint folder wherever it is copied) and, for people and tools, in
+    ``plora_state.json`` next to it. On resume the callback reads it back itself, so
+    ``restore_callback_states_from_checkpoint`` need not be set.
+    """
+
+    def __init__(self, every: int, momentum: float | None = None, optimizer_reset: str | None = None,
+                 seed: int = 0):
+        # checked here as well as in PeriodicUnloader so that a bad value fails when the Trainer is built,
+        # not minutes later when training begins
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be a positive int (optimizer steps per stage), got {every!r}")
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"momentum must be None or a float in [0, 1), got {momentum!r}")
+        if optimizer_reset is not None and optimizer_reset not in OPTIMIZER_RESETS:
+            raise ValueError(f"optimizer_reset must be one of {OPTIMIZER_RESETS} or None, got {optimizer_reset!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.every, self.momentum, self.optimizer_reset, self.seed = every, momentum, optimizer_reset, seed
+        self.unloader: PeriodicUnloader | None = None
+        self.last_delta_norm: float | None = None
+        self._pending_sq_norm: torch.Tensor | None = None  # of the last unload; read only when logging
+
+    # ------------------------------------------------------------------------------------------ driver
+    def _build(self, model, optimizer) -> PeriodicUnloader:
+        if model is None:
+            raise ValueError("PLoRACallback needs the Trainer's model (the callback kwarg 'model' was None)")
+        model = unwrap_model(model)
+        if self.momentum is not None:
+            # before the unloader exists: its default optimizer_reset depends on the layers' momentum
+            for _, layer in plora_layers(model):
+                layer.momentum = float(self.momentum)
+        return PeriodicUnloader(model, unwrap_optimizer(optimizer), self.every,
+                                optimizer_reset=self.optimizer_reset, seed=self.seed)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # rebuilt on every train() call: the Trainer may have made a new optimizer (or been given a new model)
+        self.unloader = self._build(model, optimizer)
+        self.last_delta_norm, self._pending_sq_norm = None, None
+        if state.global_step > 0:  # the Trainer restored its state from a checkpoint
+            self._restore(args, state)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.unloader is None:
+            self.unloader = self._build(model, optimizer)
+        u = self.unloader
+        if (u.step_count + 1) % u.every == 0:  # u.step() below ends the stage and unloads
+            # the unload resets the factors: measure what it merges first, on the layers it unloads
+            self._pending_sq_norm = _sq_norm(u.layers)
+        u.step()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.unloader is None or self.unloader.num_unloads == 0 or logs is None:
+            return
+        extra = {"plora/unloads": self.unloader.num_unloads, "plora/delta_norm": self._delta_norm()}
+        logs.update(extra)
+        # the Trainer appended a copy of ``logs`` to the history before calling the callbacks
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def _delta_norm(self) -> float | None:
+        if self._pending_sq_norm is not None:
+            self.last_delta_norm = math.sqrt(float(self._pending_sq_norm))
+            self._pending_sq_norm = None
+        return self.last_delta_norm
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _saved_state(self) -> dict:
+        if self.unloader is not None:
+            saved = self.unloader.state_dict()
+        else:  # the Trainer asks before training begins (TrainerState init): a stage driver at step 0
+            saved = {"every": self.every, "step_count": 0, "num_unloads": 0, "seed": self.seed,
+                     "optimizer_reset": self.optimizer_reset}
+        saved["last_delta_norm"] = self._delta_norm()
+        return saved
+
+    def state(self) -> dict:
+        """ExportableState: what ``trainer_state.json`` records (``args`` rebuild the callback)."""
+        return {"args": {"every": self.every, "momentum": self.momentum, "optimizer_reset": self.optimizer_reset,
+                         "seed": self.seed},
+                "attributes": {"_checkpoint_state": self._saved_state()}}
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):  # e.g. hyperparameter search writes into per-trial folders
+            warnings.warn(f"PLoRACallback: checkpoint folder {folder} not found; {STATE_FILE} not written "
+                          "(the state is still in trainer_state.json)", stacklevel=2)
+            return
+        with open(os.path.join(folder, STATE_FILE), "w") as f:
+            json.dump(self._saved_state(), f, indent=1)
+
+    def _restore(self, args, state) -> None:
+        saved = self._find_saved_state(args, state)
+        if saved is None:
+            # a checkpoint written without this callback: the stage position follows from the step count alone
+            # if ``every`` never changed, which is the best available guess
+            warnings.warn(f"PLoRACallback: resuming at step {state.global_step} but the checkpoint has no PLoRA "
+                          f"state; assuming every={self.every} held throughout", stacklevel=2)
+            saved = {"every": self.every, "step_count": state.global_step,
+                     "num_unloads": state.global_step // self.every, "seed": self.unloader.seed,
+                     "optimizer_reset": self.unloader.optimizer_reset}
+        self.unloader.load_state_dict(saved)
+        self.last_delta_norm = saved.get("last_delta_norm")
+        if self.unloader.step_count != state.global_step:
+            raise ValueError(f"PLoRA state in the checkpoint is at step {self.unloader.step_count} but the Trainer "
+                             f"resumes at step {state.global_step}; the checkpoint is inconsistent")
+
+    def _find_saved_state(self, args, state) -> dict | None:
+        record = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(record, list):  # several callbacks of this class: transformers keeps a list
+            record = record[0] if record else None
+        if isinstance(record, dict) and "_checkpoint_state" in record.get("attributes", {}):
+            return record["attributes"]["_checkpoint_state"]
+        folders = [os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            folders.insert(0, args.resume_from_checkpoint)
+        for folder in folders:
+            path = os.path.join(folder, STATE_FILE)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    return json.load(f)
+        return None
