@@ -46,7 +46,8 @@ SCRIPT = textwrap.dedent(r'''
         for x, adapters, lora, bias in (("bf16", "fp32", True, True), ("fp16", "fp16", True, False),
                                         ("fp32", "fp32", False, False)):
             types = dict(a_ptr="*" + x, b_ptr="*" + x, c_ptr="*" + x, s_ptr="*" + x, l_ptr="*" + adapters,
-                         bias_ptr="*" + x, M=i32, N=i32, K=i32, R=i32, scaling="fp32")
+                         bias_ptr="*" + x, M=i32, N=i32, K=i32, R=i32, M_BUCKET=i32, N_BUCKET=i32,
+                         K_BUCKET=i32, scaling="fp32")
             types.update({s: i32 for s in ("stride_am stride_ak stride_bk stride_bn stride_cm stride_cn "
                                             "stride_sm stride_sr stride_lr stride_ln").split()})
             ce = dict(HAS_LORA=lora, HAS_BIAS=bias, UPCAST=False, PRECISION="ieee" if x == "fp32" else "tf32",

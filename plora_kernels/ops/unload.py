@@ -71,7 +71,7 @@ def _local(flag: bool) -> bool:
 
 def _unload_triton(weight, lora_A, lora_B, coef, rounding, generator, *, row_offset: int = 0,
                    all_ranks=_local) -> None:
-    """The kernel path of the merge (factors already checked finite; the reset is the caller's).
+    """The kernel path of the merge, with its checks (non-finite factors, overflow); the reset is the caller's.
 
     ``row_offset`` and ``all_ranks`` serve the sharded unload: W is rows [row_offset, ...) of a larger
     weight, and ``all_ranks(flag)`` is the AND of ``flag`` over every rank holding a shard, so that all
@@ -79,15 +79,20 @@ def _unload_triton(weight, lora_A, lora_B, coef, rounding, generator, *, row_off
     """
     merge_ = _merge_kernel(weight)
     seed = _draw_seed(generator, weight.device) if rounding == "stochastic" else 0
+    finite = torch.isfinite(lora_A).all() & torch.isfinite(lora_B).all()
     if weight.numel() == 0:
-        safe = True
+        safe = finite
     else:
         amax = _known_amax(weight)
         if amax is None:  # first unload of this weight, or it changed since: one read of W
             amax = torch.linalg.vector_norm(weight, float("inf"), dtype=torch.float32).reshape(1)
         bound = (lora_B.abs().amax(0).float() * lora_A.abs().amax(1).float()).sum() * abs(coef)
-        safe = bool(((amax + bound) * _BOUND_MARGIN <= torch.finfo(weight.dtype).max).all())
-    if not all_ranks(safe):  # the bound cannot clear it: an exact dry run with the same random stream
+        safe = finite & ((amax + bound) * _BOUND_MARGIN <= torch.finfo(weight.dtype).max).all()
+    # the factors' check and the bound share one host sync: the only one of a steady-state nearest unload
+    if not bool(safe):
+        _check_finite_factors(lora_A, lora_B)
+        safe = False
+    if not all_ranks(bool(safe)):  # the bound cannot clear it: an exact dry run with the same random stream
         ok = weight.numel() == 0 or bool(torch.isfinite(
             merge_(weight, lora_A, lora_B, coef, rounding, seed, write=False, row_offset=row_offset)).all())
         if not all_ranks(ok):
@@ -136,9 +141,9 @@ def unload_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sc
         raise ValueError(f"generator is on {generator.device} but weight is on {weight.device}; pass a generator "
                          "on the weight's device")
     with torch.no_grad():
-        _check_finite_factors(lora_A, lora_B)
-        if use_triton(weight):
+        if use_triton(weight):  # checks the factors itself, together with its overflow bound
             _unload_triton(weight, lora_A, lora_B, (1.0 - momentum) * scaling, rounding, generator)
         else:
+            _check_finite_factors(lora_A, lora_B)
             _unload_reference(weight, lora_A, lora_B, scaling, momentum, rounding, generator)
         reference.reset_factors_(lora_A, lora_B, momentum, generator)

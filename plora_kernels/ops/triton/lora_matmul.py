@@ -33,11 +33,14 @@ def _configs():
             for m, n, k, s, w in shapes]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_LORA"])
+# keyed on power-of-two buckets, not exact sizes: training with variable sequence lengths changes M every
+# step, and an exact key would re-run the whole tuning sweep for each new M (any config is correct for any
+# size; the buckets only choose which one is fast)
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA"])
 @triton.jit
 def _lora_matmul_kernel(
     a_ptr, b_ptr, c_ptr, s_ptr, l_ptr, bias_ptr,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET, N_BUCKET, K_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_sm, stride_sr, stride_lr, stride_ln,
     scaling,
@@ -93,6 +96,10 @@ def _lora_matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
 def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None = None,
                 lora_l: torch.Tensor | None = None, scaling: float = 1.0,
                 bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +125,7 @@ def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None
 
     _lora_matmul_kernel[grid](
         a, b, c, s, l, bias if bias is not None else a,
-        M, N, K, R,
+        M, N, K, R, _bucket(M), _bucket(N), _bucket(K),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         s.stride(0), s.stride(1), l.stride(0), l.stride(1),
         scaling,
