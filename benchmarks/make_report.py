@@ -91,9 +91,15 @@ def _header(rec, output_dir: Path) -> list[str]:
     if env.get("env"):
         lines.append("- **environment**: " + ", ".join(f"`{k}={v}`" for k, v in env["env"].items()))
     timer = _uniq(r.get("timer") for r in rec["results"] if r.get("timer"))
-    lines.append(f"- **timing**: {', '.join(timer) or '?'} median (p20/p80 in the record), warm-up "
-                 f"{cfg.get('warmup_ms', '?')} ms, repetition {cfg.get('rep_ms', '?')} ms; ours ran "
-                 f"**{cfg.get('ours_backend', '?')}**")
+    if "warmup_ms" in cfg:  # the kernel benchmarks: do_bench budgets in milliseconds
+        lines.append(f"- **timing**: {', '.join(timer) or '?'} median (p20/p80 in the record), warm-up "
+                     f"{cfg['warmup_ms']} ms, repetition {cfg.get('rep_ms', '?')} ms; ours ran "
+                     f"**{cfg.get('ours_backend', '?')}**")
+    else:  # the training benchmark: whole steps counted
+        shape = ", ".join(f"{k} {cfg[k]}" for k in ("size", "hidden", "layers", "seq", "batch", "r", "dtype")
+                          if k in cfg)
+        lines.append(f"- **timing**: {', '.join(timer) or '?'} median (p20/p80 in the record) over "
+                     f"{cfg.get('iters', '?')} steps after {cfg.get('warmup', '?')} warm-up steps; {shape}")
     lines.append(f"- **record**: `{os.path.relpath(rec['_path'], output_dir)}`")
     for note in rec.get("notes", []):
         lines.append(f"- {note}")
