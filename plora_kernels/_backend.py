@@ -51,7 +51,18 @@ def use_triton(t: torch.Tensor) -> bool:
     return True
 
 
+LINEAR_KERNELS = ("triton", "torch")
 UNLOAD_KERNELS = ("triton", "cuda")
+
+
+def use_triton_linear(t: torch.Tensor) -> bool:
+    """Whether lora_linear on ``t`` runs the Triton kernels: :func:`use_triton`, unless
+    ``PLORA_LINEAR_KERNEL=torch`` keeps only this op on the cuBLAS composition (measured faster on an H200
+    until the fused kernel is tuned: benchmarks/NOTES.md) while unload_ keeps its kernel."""
+    name = os.environ.get("PLORA_LINEAR_KERNEL", "triton").strip().lower() or "triton"
+    if name not in LINEAR_KERNELS:
+        raise ValueError(f"PLORA_LINEAR_KERNEL must be one of {LINEAR_KERNELS}, got {name!r}")
+    return use_triton(t) and name == "triton"
 
 
 def requested_unload_kernel() -> str:
@@ -76,6 +87,9 @@ def describe() -> dict[str, str]:
     else:  # auto keeps CPU tensors on the reference even when interpreting
         cpu = "torch reference"
     cuda = "triton" if name != "torch" and have else "torch reference"
-    if cuda == "triton" and requested_unload_kernel() == "cuda":
-        cuda = "triton (unload_: csrc CUDA kernel)"
+    if cuda == "triton":
+        linear = "torch" if os.environ.get("PLORA_LINEAR_KERNEL", "").strip().lower() == "torch" else "triton"
+        unload = "csrc CUDA kernel" if requested_unload_kernel() == "cuda" else "triton"
+        if (linear, unload) != ("triton", "triton"):
+            cuda = f"lora_linear: {linear}, unload_: {unload}"
     return {"cpu": cpu, "cuda": cuda}

@@ -186,3 +186,26 @@ def test_autocast_runs_in_the_autocast_dtype(backend):
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad is not None
     torch.testing.assert_close(y.float(), layer(x), rtol=3e-2, atol=3e-2)
+
+
+def test_linear_kernel_choice(monkeypatch):
+    """PLORA_LINEAR_KERNEL=torch keeps lora_linear off the Triton kernel (unload_ unaffected); bad names raise."""
+    import plora_kernels.ops.triton.lora_matmul as kernel_module
+    from conftest import _triton_runnable
+
+    if not _triton_runnable():
+        pytest.skip("Triton is not runnable here")
+    monkeypatch.setenv("PLORA_BACKEND", "triton")
+    monkeypatch.setenv("PLORA_LINEAR_KERNEL", "torch")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran although PLORA_LINEAR_KERNEL=torch")
+
+    monkeypatch.setattr(kernel_module, "lora_matmul", boom)
+    x, W = torch.randn(5, 24, device=DEVICE), torch.randn(16, 24, device=DEVICE)
+    A, B = torch.randn(4, 24, device=DEVICE), torch.randn(16, 4, device=DEVICE)
+    want = x.double() @ W.double().t() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    torch.testing.assert_close(lora_linear(x, W, A, B, 0.5).double(), want, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("PLORA_LINEAR_KERNEL", "cublas")
+    with pytest.raises(ValueError, match="PLORA_LINEAR_KERNEL"):
+        lora_linear(x, W, A, B, 0.5)

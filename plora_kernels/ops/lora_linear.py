@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import use_triton
+from .._backend import use_triton_linear
 from . import reference
 from .checks import check_linear_args
 
@@ -20,7 +20,7 @@ from .checks import check_linear_args
 def lora_linear_fwd(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(x):
+    if use_triton_linear(x):
         from .triton.lora_matmul import lora_matmul
 
         xa = lora_matmul(x, lora_A.t())
@@ -38,7 +38,7 @@ def lora_linear_bwd(
     dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
     compute_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_triton(dy):
+    if use_triton_linear(dy):
         from .triton.lora_matmul import lora_matmul
 
         dy = dy.contiguous()
