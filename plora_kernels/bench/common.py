@@ -66,6 +66,26 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def add_common_args(p) -> None:
+    """The flags every kernel benchmark takes: output folder, do_bench budgets, --no-save."""
+    p.add_argument("--out", default=None, help="results folder (default: <repo>/benchmarks/results)")
+    p.add_argument("--ranks", default=None, help="comma-separated ranks (overrides the default set)")
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--no-save", action="store_true", help="print the table only; write no JSON/PNG")
+
+
+def pick_device_announced(extra_note: str = "") -> tuple[torch.device, list[str]]:
+    """The benchmark device and the record's notes; without a GPU, says (and notes) that only the reference
+    path is timed."""
+    device = pick_device()
+    notes = []
+    if device.type != "cuda":
+        print(NO_GPU_NOTE, flush=True)
+        notes.append(NO_GPU_NOTE + extra_note)
+    return device, notes
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -260,6 +280,25 @@ def write_json(path: Path, payload: dict) -> Path:
     path = Path(path)
     path.write_text(json.dumps(payload, indent=1, default=default, allow_nan=False) + "\n")
     return path
+
+
+def save_record(stem: Path, payload: dict, rows: Sequence[dict], png: Path | None) -> Path:
+    """Write ``payload`` plus the result rows (NaN/inf as null) and the plot's name to ``stem``.json; say where."""
+    payload = {**payload, "results": [{k: clean_float(v) for k, v in r.items()} for r in rows],
+               "plot": png.name if png is not None else None}
+    path = write_json(stem.with_suffix(".json"), payload)
+    print(f"wrote {path}" + (f" and {png}" if png is not None else ""))
+    return path
+
+
+def parse_shapes(texts: Sequence[str] | None, arity: int, form: str) -> list[tuple[int, ...]] | None:
+    """Repeated ``--shape`` flags, e.g. ``["8192,4096,4096"]`` -> [(8192, 4096, 4096)]; None when absent."""
+    if not texts:
+        return None
+    shapes = [tuple(parse_ints(t)) for t in texts]
+    if any(len(s) != arity for s in shapes):
+        raise ValueError(f"--shape takes {form}")
+    return shapes
 
 
 def clean_float(v):

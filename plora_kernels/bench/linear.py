@@ -245,14 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="one shape: M=8192, in=out=4096, r=16 on a GPU (the DESIGN target); on CPU one rank")
     p.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32; used for every tensor")
-    p.add_argument("--out", default=None, help="results folder (default: <repo>/benchmarks/results)")
-    p.add_argument("--ranks", default=None, help="comma-separated ranks (overrides the default set)")
     p.add_argument("--shape", action="append", default=None, metavar="M,IN,OUT",
                    help="a shape to run instead of the defaults (repeatable)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (default)")
-    p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=100.0)
-    p.add_argument("--no-save", action="store_true", help="print the table only; write no JSON/PNG")
+    common.add_common_args(p)
     return p
 
 
@@ -267,19 +263,13 @@ def main(argv=None) -> int:
         if not args.modes or any(m not in MODES for m in args.modes):
             raise ValueError(f"--modes must be a comma-separated subset of {MODES}")
         ranks = common.parse_ints(args.ranks) if args.ranks else None
-        shapes = [tuple(common.parse_ints(s)) for s in args.shape] if args.shape else None
-        if shapes and any(len(s) != 3 for s in shapes):
-            raise ValueError("--shape takes M,IN,OUT")
+        shapes = common.parse_shapes(args.shape, 3, "M,IN,OUT")
     except ValueError as exc:
         print(f"plora bench linear: {exc}", file=sys.stderr)
         return 2
 
-    device = common.pick_device()
+    device, notes = common.pick_device_announced()
     on_gpu = device.type == "cuda"
-    notes = []
-    if not on_gpu:
-        print(common.NO_GPU_NOTE, flush=True)
-        notes.append(common.NO_GPU_NOTE)
     if shapes is None:
         if on_gpu:
             shapes = [QUICK_SHAPE] if args.quick else [(m, i, o) for i, o in GPU_FEATURES for m in GPU_MS]
@@ -326,11 +316,8 @@ def main(argv=None) -> int:
                    "flops": {"fwd": "2*M*in*out*(1 + r/out + r/in)", "fwd+bwd": "4*M*in*out + 6*M*r*(in + out)",
                              "floor": "2*M*in*out (fwd), 4*M*in*out (fwd+bwd)"}},
         "notes": notes, "targets": targets,
-        "results": [{k: common.clean_float(v) for k, v in r.items()} for r in rows],
-        "plot": png.name if png is not None else None,
     }
-    path = common.write_json(stem.with_suffix(".json"), payload)
-    print(f"wrote {path}" + (f" and {png}" if png is not None else ""))
+    common.save_record(stem, payload, rows, png)
     return 1 if errors else 0
 
 

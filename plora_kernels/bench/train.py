@@ -372,11 +372,8 @@ def main(argv=None) -> int:
                    "target_modules": TARGET_MODULES, "unload_every": list(UNLOAD_EVERY), "contenders": CONTENDERS,
                    "timer": "perf_counter, synchronised per step", "optimizer": "torch.optim.AdamW(lr=1e-4)"},
         "notes": notes,
-        "results": [{k: common.clean_float(v) for k, v in r.items()} for r in rows],
-        "plot": png.name if png is not None else None,
     }
-    path = common.write_json(stem.with_suffix(".json"), payload)
-    print(f"wrote {path}" + (f" and {png}" if png is not None else ""))
+    common.save_record(stem, payload, rows, png)
     return 1 if errors else 0
 
 

@@ -241,13 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="W dtypes, comma-separated (default bf16,fp16; --quick: bf16)")
     p.add_argument("--factor-dtype", default="same",
                    help="dtype of A and B: 'same' as W (default), 'fp32' (PEFT's default), or 'same,fp32'")
-    p.add_argument("--out", default=None, help="results folder (default: <repo>/benchmarks/results)")
-    p.add_argument("--ranks", default=None, help="comma-separated ranks (overrides the default set)")
     p.add_argument("--shape", action="append", default=None, metavar="OUT,IN",
                    help="a W shape to run instead of the defaults (repeatable)")
-    p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=100.0)
-    p.add_argument("--no-save", action="store_true", help="print the table only; write no JSON/PNG")
+    common.add_common_args(p)
     return p
 
 
@@ -259,19 +255,13 @@ def main(argv=None) -> int:
         if not factor_modes or any(f not in ("same", "fp32") for f in factor_modes):
             raise ValueError("--factor-dtype takes 'same', 'fp32' or 'same,fp32'")
         ranks = common.parse_ints(args.ranks) if args.ranks else None
-        shapes = [tuple(common.parse_ints(s)) for s in args.shape] if args.shape else None
-        if shapes and any(len(s) != 2 for s in shapes):
-            raise ValueError("--shape takes OUT,IN")
+        shapes = common.parse_shapes(args.shape, 2, "OUT,IN")
     except ValueError as exc:
         print(f"plora bench unload: {exc}", file=sys.stderr)
         return 2
 
-    device = common.pick_device()
+    device, notes = common.pick_device_announced(" Peak memory is only measured on CUDA.")
     on_gpu = device.type == "cuda"
-    notes = []
-    if not on_gpu:
-        print(common.NO_GPU_NOTE, flush=True)
-        notes.append(common.NO_GPU_NOTE + " Peak memory is only measured on CUDA.")
     # (out, in, r, W dtype) configurations
     if shapes is None and on_gpu and not args.quick:
         configs = [(o, i, r, d) for d in dtypes for (o, i) in GPU_SHAPES for r in (ranks or GPU_RANKS)]
@@ -317,11 +307,8 @@ def main(argv=None) -> int:
                    "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "contenders": CONTENDERS,
                    "bytes": "2*|W|*itemsize", "ours_backend": common.backend_label(torch.empty(1, device=device))},
         "notes": notes, "targets": targets,
-        "results": [{k: common.clean_float(v) for k, v in r.items()} for r in rows],
-        "plot": png.name if png is not None else None,
     }
-    path = common.write_json(stem.with_suffix(".json"), payload)
-    print(f"wrote {path}" + (f" and {png}" if png is not None else ""))
+    common.save_record(stem, payload, rows, png)
     return 1 if errors else 0
 
 
