@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,info,bench}")
     sub.required = True
 
-    p_demo = sub.add_parser("demo", help="LoRA vs PLoRA vs full FT on a high-rank task (CPU, ~1 min)",
+    p_demo = sub.add_parser("demo", help="LoRA vs PLoRA vs full FT on a high-rank task (CPU, about 2 min)",
                             description=demo.__doc__.split("\n")[0])
     demo.add_arguments(p_demo)
     p_demo.set_defaults(func=_cmd_demo)
