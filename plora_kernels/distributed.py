@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ._backend import use_triton
 from .ops import reference
 from .ops.checks import check_unload_args
-from .ops.unload import _overflow_error, _unload_triton
+from .ops.unload import _overflow_error, _unload_with_kernel
 
 _SKIP_CHUNK = 1 << 20  # uniforms skipped per draw: a 4 MiB scratch buffer at most
 
@@ -98,7 +98,7 @@ def _merge_rows_(weight_shard, lora_A, lora_B_rows, scaling, momentum, rounding,
     if use_triton(weight_shard):
         if not _all_ranks_true(factors_ok, groups, weight_shard.device):
             raise _merge_error(False, weight_shard)
-        _unload_triton(weight_shard, lora_A, lora_B_rows, (1.0 - momentum) * scaling, rounding, generator,
+        _unload_with_kernel(weight_shard, lora_A, lora_B_rows, (1.0 - momentum) * scaling, rounding, generator,
                        row_offset=row_offset,
                        all_ranks=lambda flag: _all_ranks_true(flag, groups, weight_shard.device))
         return

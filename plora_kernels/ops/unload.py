@@ -69,7 +69,7 @@ def _local(flag: bool) -> bool:
     return flag
 
 
-def _unload_triton(weight, lora_A, lora_B, coef, rounding, generator, *, row_offset: int = 0,
+def _unload_with_kernel(weight, lora_A, lora_B, coef, rounding, generator, *, row_offset: int = 0,
                    all_ranks=_local) -> None:
     """The kernel path of the merge, with its checks (non-finite factors, overflow); the reset is the caller's.
 
@@ -142,7 +142,7 @@ def unload_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sc
                          "on the weight's device")
     with torch.no_grad():
         if use_triton(weight):  # checks the factors itself, together with its overflow bound
-            _unload_triton(weight, lora_A, lora_B, (1.0 - momentum) * scaling, rounding, generator)
+            _unload_with_kernel(weight, lora_A, lora_B, (1.0 - momentum) * scaling, rounding, generator)
         else:
             _check_finite_factors(lora_A, lora_B)
             _unload_reference(weight, lora_A, lora_B, scaling, momentum, rounding, generator)
