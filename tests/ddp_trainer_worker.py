@@ -1,0 +1,35 @@
+"""Run by tests/test_integration_ddp.py under torchrun (2 CPU ranks, gloo): a transformers Trainer
+with PLoRACallback under DDP; every rank must end with bit-identical weights and adapters."""
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import plora_kernels as pk
+from plora_kernels.distributed import replicas_in_sync
+from plora_kernels.integrations.transformers import PLoRACallback
+
+
+def main(out_dir: str) -> None:
+    torch.manual_seed(0)  # the same initial model on every rank (DDP also broadcasts it)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=64)
+    model = pk.apply_plora(LlamaForCausalLM(config).to(torch.bfloat16), r=4, alpha=8)  # stochastic rounding
+    tokens = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    args = TrainingArguments(out_dir, max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, ddp_backend="gloo", save_strategy="no",
+                             logging_steps=1, seed=1234)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[PLoRACallback(every=2)])
+    trainer.train()
+    assert dist.is_initialized() and dist.get_world_size() == 2, "not a 2-rank run"
+    layers = [layer for _, layer in pk.plora_layers(model)]
+    unloads = {int(layer.num_unloads) for layer in layers}
+    differ = replicas_in_sync(model)
+    if dist.get_rank() == 0:
+        print(f"RESULT unloads={sorted(unloads)} differ={differ}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
