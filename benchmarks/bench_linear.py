@@ -1,25 +1,13 @@
 """Smoke benchmarks of lora_linear and its contenders (see plora_kernels.bench.linear for the full run)."""
-import os
-
 import pytest
 import torch
+from smoke_common import cuda_synced, needs_cuda, needs_interpreter
 
 from plora_kernels.bench.linear import CONTENDERS, build_case
 
 CPU_SHAPE = (64, 128, 256, 8)          # M, in, out, r: milliseconds on the reference path
 GPU_SHAPE = (8192, 4096, 4096, 16)     # the DESIGN target
 MODES = ("fwd", "fwd+bwd")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def cuda_synced(fn):
-    """Each call waits for the GPU: pytest-benchmark times wall clock."""
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return run
 
 
 def _call(fns, mode, name):
@@ -42,7 +30,7 @@ def test_linear_cpu(benchmark, contender, mode, monkeypatch):
     assert out is not None
 
 
-@pytest.mark.skipif(not interpreting, reason="set TRITON_INTERPRET=1 to run the Triton kernels on CPU")
+@needs_interpreter
 @pytest.mark.parametrize("mode", MODES)
 def test_linear_cpu_triton_interpreter(benchmark, mode, monkeypatch):
     monkeypatch.setenv("PLORA_BACKEND", "triton")

@@ -1,8 +1,7 @@
 """Smoke benchmarks of unload_ and its contenders (see plora_kernels.bench.unload for the full run)."""
-import os
-
 import pytest
 import torch
+from smoke_common import cuda_synced, needs_cuda, needs_interpreter
 
 from plora_kernels.bench.unload import contender_fns, make_tensors
 
@@ -10,17 +9,6 @@ CPU_SHAPE = (256, 512, 16)       # out, in, r
 GPU_SHAPE = (8192, 8192, 16)     # the DESIGN target
 CPU_CONTENDERS = ("peft", "addmm-fp32", "unload_ nearest", "unload_ stochastic")
 GPU_CONTENDERS = CPU_CONTENDERS + ("merge_ nearest", "merge_ stochastic", "cuda nearest", "cuda stochastic")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def cuda_synced(fn):
-    """Each call waits for the GPU: pytest-benchmark times wall clock."""
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return run
 
 
 @pytest.mark.parametrize("contender", CPU_CONTENDERS)
@@ -40,7 +28,7 @@ def test_copy_cpu(benchmark):
     benchmark(lambda: dst.copy_(weight))
 
 
-@pytest.mark.skipif(not interpreting, reason="set TRITON_INTERPRET=1 to run the Triton kernels on CPU")
+@needs_interpreter
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_unload_cpu_triton_interpreter(benchmark, rounding, monkeypatch):
     monkeypatch.setenv("PLORA_BACKEND", "triton")
