@@ -55,14 +55,18 @@ LINEAR_KERNELS = ("triton", "torch")
 UNLOAD_KERNELS = ("triton", "cuda")
 
 
-def use_triton_linear(t: torch.Tensor) -> bool:
-    """Whether lora_linear on ``t`` runs the Triton kernels: :func:`use_triton`, unless
-    ``PLORA_LINEAR_KERNEL=torch`` keeps only this op on the cuBLAS composition (measured faster on an H200
-    until the fused kernel is tuned: benchmarks/NOTES.md) while unload_ keeps its kernel."""
+def requested_linear_kernel() -> str:
+    """``PLORA_LINEAR_KERNEL=triton|torch``: torch keeps only lora_linear on the cuBLAS composition (measured
+    faster on an H200 until the fused kernel is tuned: benchmarks/NOTES.md) while unload_ keeps its kernel."""
     name = os.environ.get("PLORA_LINEAR_KERNEL", "triton").strip().lower() or "triton"
     if name not in LINEAR_KERNELS:
         raise ValueError(f"PLORA_LINEAR_KERNEL must be one of {LINEAR_KERNELS}, got {name!r}")
-    return use_triton(t) and name == "triton"
+    return name
+
+
+def use_triton_linear(t: torch.Tensor) -> bool:
+    """Whether lora_linear on ``t`` runs the Triton kernels: :func:`use_triton` and :func:`requested_linear_kernel`."""
+    return use_triton(t) and requested_linear_kernel() == "triton"
 
 
 def requested_unload_kernel() -> str:
@@ -88,7 +92,7 @@ def describe() -> dict[str, str]:
         cpu = "torch reference"
     cuda = "triton" if name != "torch" and have else "torch reference"
     if cuda == "triton":
-        linear = "torch" if os.environ.get("PLORA_LINEAR_KERNEL", "").strip().lower() == "torch" else "triton"
+        linear = requested_linear_kernel()
         unload = "csrc CUDA kernel" if requested_unload_kernel() == "cuda" else "triton"
         if (linear, unload) != ("triton", "triton"):
             cuda = f"lora_linear: {linear}, unload_: {unload}"
