@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ._backend import use_triton
 from .ops import reference
-from .ops.checks import check_unload_args
+from .ops.checks import check_generator_device, check_unload_args
 from .ops.unload import _overflow_error, _unload_with_kernel
 
 _SKIP_CHUNK = 1 << 20  # uniforms skipped per draw: a 4 MiB scratch buffer at most
@@ -133,9 +133,7 @@ def _check_generator(weight, rounding, momentum, generator) -> None:
                 "a distributed unload needs a generator seeded identically on every rank (e.g. "
                 "plora_kernels.train.unloader.unload_generator(seed, unload_index, layer_index, device)); "
                 "the global RNG differs between ranks")
-    elif generator.device.type != weight.device.type:
-        raise ValueError(f"generator is on {generator.device} but weight is on {weight.device}; pass a generator "
-                         "on the weight's device")
+    check_generator_device(generator, weight)
 
 
 # ------------------------------------------------------------------------------------------ public API

@@ -72,3 +72,10 @@ def check_unload_args(weight, lora_A, lora_B, scaling, momentum, rounding) -> tu
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     return scaling, float(momentum)
+
+
+def check_generator_device(generator, weight) -> None:
+    """A generator, when given, must live on the weight's device type (it draws the rounding stream there)."""
+    if generator is not None and generator.device.type != weight.device.type:
+        raise ValueError(f"generator is on {generator.device} but weight is on {weight.device}; pass a generator "
+                         "on the weight's device")

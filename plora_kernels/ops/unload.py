@@ -17,7 +17,7 @@ import torch
 
 from .._backend import requested_unload_kernel, use_triton
 from . import reference
-from .checks import check_unload_args
+from .checks import check_generator_device, check_unload_args
 
 # attribute set on the weight by our last write: (data_ptr, _version, max |W| as a 1-element fp32 tensor);
 # kept on the tensor itself so it dies with it, and checked against the version counter so any other
@@ -137,9 +137,7 @@ def unload_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sc
         return unload_dtensor_(weight, lora_A, lora_B, scaling, momentum=momentum, rounding=rounding,
                                generator=generator)
     scaling, momentum = check_unload_args(weight, lora_A, lora_B, scaling, momentum, rounding)
-    if generator is not None and generator.device.type != weight.device.type:
-        raise ValueError(f"generator is on {generator.device} but weight is on {weight.device}; pass a generator "
-                         "on the weight's device")
+    check_generator_device(generator, weight)
     with torch.no_grad():
         if use_triton(weight):  # checks the factors itself, together with its overflow bound
             _unload_with_kernel(weight, lora_A, lora_B, (1.0 - momentum) * scaling, rounding, generator)
