@@ -39,3 +39,18 @@ def _seed():
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so a value the kernel forgot to write cannot pass as correct."""
     return t.fill_(float("nan"))
+
+
+def torchrun_2(script, *args, cwd=None) -> str:
+    """Run ``script`` on 2 CPU processes with torchrun (gloo, loopback only); return its output, failing the
+    test with the output's tail if it exits non-zero."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out

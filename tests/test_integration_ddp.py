@@ -1,24 +1,17 @@
 """PLoRACallback under DDP: a real transformers Trainer on 2 CPU ranks (torchrun, gloo) with unloads of a bf16
 model (stochastic rounding, fresh A draws); every rank must end with bit-identical W, A and B."""
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import torchrun_2
 
 WORKER = Path(__file__).resolve().parent / "ddp_trainer_worker.py"
 
 
 @pytest.mark.slow
 def test_trainer_callback_under_ddp_keeps_ranks_identical(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(tmp_path / "out")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = torchrun_2(WORKER, tmp_path / "out", cwd=tmp_path)
     found = re.search(r"RESULT unloads=(\[.*?\]) differ=(\[.*?\])", out)
     assert found, out[-4000:]
     assert found.group(1) == "[3]", out[-4000:]   # 6 optimizer steps, every=2: 3 unloads on every layer
