@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: environment, the test suite compiled on the GPU, then benchmarks.
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests] [quick|full] [train]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests] [quick|full] [train] [nccl]
+# quick: the target shapes, with the forward's parts (--pieces) and the unload ablations (--sweep)
 # Logs and JSON go to $OUT (the device tool's return folder) or ./gpu_out.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -19,11 +20,14 @@ for stage in "$@"; do
              --ignore=tests/test_bench_smoke.py --ignore=tests/test_bench_train.py \
              --ignore=tests/test_integration_transformers.py ${TEST_ARGS:-} tests > "$OUT/gpu_tests.log" 2>&1
            grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -40 ;;
-    quick) timeout 120 $PLORA bench linear --quick --out "$OUT" 2>&1 | tee "$OUT/bench_linear_quick.log" | tail -25
-           timeout 90 $PLORA bench unload --quick --out "$OUT" 2>&1 | tee "$OUT/bench_unload_quick.log" | tail -25 ;;
+    quick) timeout 150 $PLORA bench linear --quick --pieces --out "$OUT" 2>&1 | tee "$OUT/bench_linear_quick.log" | tail -25
+           timeout 240 $PLORA bench unload --quick --sweep --out "$OUT" 2>&1 | tee "$OUT/bench_unload_quick.log" | tail -45 ;;
     full)  timeout "${LINEAR_TIMEOUT:-240}" $PLORA bench linear --out "$OUT" 2>&1 | tee "$OUT/bench_linear.log" | tail -60
            timeout 150 $PLORA bench unload --out "$OUT" 2>&1 | tee "$OUT/bench_unload.log" | tail -60 ;;
     train) timeout 180 $PLORA bench train --out "$OUT" 2>&1 | tee "$OUT/bench_train.log" | tail -30 ;;
+    # the DDP example on NCCL, world size 1 (one GPU): unloads and the replica check on the real backend
+    nccl)  timeout 120 torchrun --standalone --nproc_per_node=1 examples/train_ddp.py --dtype bf16 2>&1 \
+             | tee "$OUT/train_ddp_nccl.log" | tail -15 ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "== stage $stage took $(( $(date +%s) - t0 )) s"

@@ -91,7 +91,9 @@ def _header(rec, output_dir: Path) -> list[str]:
     if env.get("env"):
         lines.append("- **environment**: " + ", ".join(f"`{k}={v}`" for k, v in env["env"].items()))
     timer = _uniq(r.get("timer") for r in rec["results"] if r.get("timer"))
-    if "warmup_ms" in cfg:  # the kernel benchmarks: do_bench budgets in milliseconds
+    if cfg.get("static"):  # compiled, not run
+        lines.append(f"- **compiled for**: sm_{cfg.get('arch', '?')}, no GPU involved")
+    elif "warmup_ms" in cfg:  # the kernel benchmarks: do_bench budgets in milliseconds
         lines.append(f"- **timing**: {', '.join(timer) or '?'} median (p20/p80 in the record), warm-up "
                      f"{cfg['warmup_ms']} ms, repetition {cfg.get('rep_ms', '?')} ms; ours ran "
                      f"**{cfg.get('ours_backend', '?')}**")
@@ -118,8 +120,18 @@ def _contender_legend(rec) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------- linear
+def _pieces_table(rows) -> list[str]:
+    body = [[str(r["M"]), f"{r['in']} x {r['out']}", str(r["r"]), str(r.get("dtype")),
+             r["contender"].removeprefix("piece: "),
+             "error" if r.get("error") else f"{_f(r.get('median_ms'), '.4f')} ({_f(r.get('ratio_to_floor'), '.3f')}x)"]
+            for r in rows]
+    return ["**the fused forward's parts** (`--pieces`; ratio to the cuBLAS floor of the same run)", "",
+            _table(["M", "in x out", "r", "dtype", "part", "ms (x floor)"], body), ""]
+
+
 def _linear_tables(rec) -> list[str]:
-    rows = rec["results"]
+    pieces = [r for r in rec["results"] if r["contender"].startswith("piece: ")]
+    rows = [r for r in rec["results"] if not r["contender"].startswith("piece: ")]
     contenders = _uniq(r["contender"] for r in rows)
     labels = {r["contender"]: r.get("label", r["contender"]) for r in rows}
     out = []
@@ -148,12 +160,24 @@ def _linear_tables(rec) -> list[str]:
                    f"`{r['error']}`")
     if errors:
         out.append("")
-    return out
+    return out + (_pieces_table(pieces) if pieces else [])
 
 
 # -------------------------------------------------------------------------------------------- unload
+def _sweep_table(rows) -> list[str]:
+    """Ablation rows of ``--sweep`` (one knob of the raw Triton merge each), one line per variant."""
+    body = [[f"{r['out']} x {r['in']}", str(r["r"]), r["dtype"], str(r.get("factor_dtype")),
+             r["contender"].removeprefix("sweep "),
+             "error" if r.get("error") else _f(r.get("median_ms"), ".4f"), _f(r.get("pct_copy"), ".1f")]
+            for r in rows]
+    return ["**ablations of the raw Triton merge** (`--sweep`: each row changes one knob of "
+            "`merge_(tuning=...)`; rounds other than 10 change the random stream, so they only price it)", "",
+            _table(["W (out x in)", "r", "W", "A,B", "variant", "median ms", "% copy"], body), ""]
+
+
 def _unload_tables(rec) -> list[str]:
-    rows = rec["results"]
+    sweep = [r for r in rec["results"] if r["contender"].startswith("sweep ")]
+    rows = [r for r in rec["results"] if not r["contender"].startswith("sweep ")]
     contenders = [c for c in _uniq(r["contender"] for r in rows)
                   if any(r["contender"] == c and r.get("median_ms") is not None for r in rows)]
     skipped = _uniq((r["contender"], r["skipped"]) for r in rows if r.get("skipped"))
@@ -195,7 +219,7 @@ def _unload_tables(rec) -> list[str]:
             out.append(f"- error: {r['out']}x{r['in']} r={r['r']} {r['dtype']} {r['contender']}: `{r['error']}`")
     if skipped or any(r.get("error") for r in rows):
         out.append("")
-    return out
+    return out + (_sweep_table(sweep) if sweep else [])
 
 
 # ------------------------------------------------------------------------------------------- generic
@@ -209,7 +233,21 @@ def _generic_tables(rec) -> list[str]:
     return [_table(keys, body), ""]
 
 
-RENDERERS = {"linear": _linear_tables, "unload": _unload_tables}
+def _kernels_tables(rec) -> list[str]:
+    cols = [("variant", "variant", ""), ("registers", "regs", "d"), ("stack_bytes", "stack B", "d"),
+            ("shared_kib", "smem KiB", ".1f"), ("warps_per_sm", "warps/SM", "d"), ("ldg128", "LDG.128", "d"),
+            ("stg128", "STG.128", "d"), ("hgmma", "HGMMA", "d"), ("tma_loads", "TMA", "d"),
+            ("layout_conversions", "layout cvt", "d")]
+    out = []
+    for kernel in _uniq(r["kernel"] for r in rec["results"]):
+        rows = [r for r in rec["results"] if r["kernel"] == kernel]
+        body = [[r.get("error") and f"{r['variant']} (error: {r['error']})" or r["variant"]]
+                + [_f(r.get(k), spec) for k, _, spec in cols[1:]] for r in rows]
+        out += [f"**{kernel}**", "", _table([h for _, h, _ in cols], body), ""]
+    return out
+
+
+RENDERERS = {"linear": _linear_tables, "unload": _unload_tables, "kernels": _kernels_tables}
 
 
 def render_record(rec, output_dir: Path) -> list[str]:
@@ -228,8 +266,9 @@ def render_record(rec, output_dir: Path) -> list[str]:
 
 
 def render(records, problems, output_dir: Path) -> str:
+    static = [r for r in records if r.get("benchmark") == "kernels"]
     gpu = [r for r in records if _is_gpu(r)]
-    cpu = [r for r in records if not _is_gpu(r)]
+    cpu = [r for r in records if not _is_gpu(r) and r.get("benchmark") != "kernels"]
     lines = [
         "# Benchmarks",
         "",
@@ -272,6 +311,13 @@ def render(records, problems, output_dir: Path) -> str:
         lines += ["These records were made without a GPU: they time the pure-torch reference code on a small "
                   "shape on the CPU, to show the benchmark runs end to end. They are not kernel performance.", ""]
         for rec in cpu:
+            lines += render_record(rec, output_dir)
+    if static:
+        lines += ["## Compiled kernels (static: registers and instructions, not timings)", "",
+                  "`python benchmarks/kernel_resources.py` compiles every kernel variant for the GPU architecture "
+                  "on a machine without one and reads the cubin. These facts explain timings and choose "
+                  "candidates; only the GPU runs above say what is fast.", ""]
+        for rec in static[:1]:  # the latest: older ones describe older code
             lines += render_record(rec, output_dir)
     if problems:
         lines += ["## Files skipped", ""] + [f"- `{name}`: {why}" for name, why in problems] + [""]

@@ -11,8 +11,10 @@
 //                                                              rounded separately (no FMA contraction)
 //   v      = float(W[i,j]) + coef * delta                      fp32 (mul, then add)
 //   W dtype fp32: no rounding (the fp32 sum is the result); fp16 / bf16: rounded onto the format's grid,
-//   nearest-even or stochastic; the stochastic uniform of element (i, j) is bit-identical to Triton's
-//   tl.rand(seed, i * N + j) (Philox4x32-10, counter (i*N+j as uint32, 0, 0, 0), key (seed lo, seed hi)).
+//   nearest-even or stochastic; the stochastic uniform of element (i, j) is the Triton kernel's sr_uniform:
+//   16 bits of Philox4x32-10 with key (seed lo, seed hi) and counter (j / 8, i, 0, 0), half j % 2 of output
+//   word (j % 8) / 2, as (bits + 0.5) / 2^16 (one Philox call per 8 elements; i counts rows of the full
+//   weight, so a row shard passes its row_offset).
 //   stats[0] <- max(stats[0], max |new value|), with +inf for any value not finite in W's dtype (|v| above
 //   the largest finite value, or NaN); stats[0] must hold a non-negative float (the caller zeroes it).
 //   write == 0: a dry run, W is not stored to.
@@ -88,14 +90,10 @@ PLORA_HD uint32_t umulhi(uint32_t a, uint32_t b) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Triton's tl.rand(seed, offset) for a 32-bit offset, written from triton/language/random.py:
-//   randint:  counter (c0, c1, c2, c3) = (uint32(offset), 0, 0, 0)  [offset_hi is 0 for a 32-bit offset],
-//             key (k0, k1) = (seed & 0xffffffff, seed >> 32) with seed widened to uint64 first,
-//             10 Philox4x32 rounds, result c0.
-//   uint_to_uniform_float: x as int32, x = ~x where x < 0, times the fp32 constant 4.6566127342e-10
-//             (bits 0x2FFFFFFF, the largest float below 2^-31), so the result lies in [0, 1).
-PLORA_HD uint32_t philox_c0(uint64_t seed, uint32_t offset) {
-  uint32_t c0 = offset, c1 = 0u, c2 = 0u, c3 = 0u;
+// Philox4x32-10 as triton/language/random.py computes it (tl.philox with 32-bit counters): key (k0, k1) =
+// (seed & 0xffffffff, seed >> 32) with the seed widened to uint64 first, counter (c0, c1, 0, 0).
+PLORA_HD void philox4(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t out[4]) {
+  uint32_t c2 = 0u, c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
@@ -107,16 +105,21 @@ PLORA_HD uint32_t philox_c0(uint64_t seed, uint32_t offset) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
 }
 
-PLORA_HD float uint_to_uniform(uint32_t x) {
-  int32_t s = static_cast<int32_t>(x);
-  if (s < 0) s = ~s;
-  return fmul(static_cast<float>(s), bits_float(0x2FFFFFFF));  // int -> float rounds to nearest
+// element j's uniform from its group's four Philox words: (16 bits + 0.5) / 2^16, exact in fp32
+PLORA_HD float sr_uniform_of(const uint32_t words[4], uint32_t j) {
+  const uint32_t bits = (words[(j & 7u) >> 1] >> ((j & 1u) * 16u)) & 0xFFFFu;
+  return fmul(fadd(static_cast<float>(bits), 0.5f), 1.0f / 65536.0f);
 }
 
-PLORA_HD float triton_rand(uint64_t seed, uint32_t offset) { return uint_to_uniform(philox_c0(seed, offset)); }
+// the uniform of element (row, j) of the full weight, on its own (one Philox call)
+PLORA_HD float sr_uniform(uint64_t seed, uint32_t row, uint32_t j) {
+  uint32_t words[4];
+  philox4(seed, j >> 3, row, words);
+  return sr_uniform_of(words, j);
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // round_to_grid: round fp32 v onto the grid of a float with MANT mantissa bits whose grid stops refining at
@@ -169,24 +172,20 @@ PLORA_HD float load_factor(const void* base, int dtype, int64_t index) {
   }
 }
 
-// the whole per-element epilogue: v = w + coef * delta, rounded; *mag gets |new| or +inf if not finite
+// the whole per-element epilogue: v = w + coef * delta, rounded (u: the element's stochastic uniform, unused
+// otherwise); *mag gets |new| or +inf if not finite
 template <typename WT, int ROUND>
-PLORA_HD float merge_element(float w, float delta, float coef, uint64_t seed, uint32_t offset, float* mag) {
+PLORA_HD float merge_element(float w, float delta, float coef, float u, float* mag) {
   using Tr = WTraits<WT>;
   float v = fadd(w, fmul(coef, delta));
   if (ROUND == ROUND_STOCHASTIC) {
-    v = round_to_grid<Tr::MANT, Tr::EMIN, true>(v, triton_rand(seed, offset));
+    v = round_to_grid<Tr::MANT, Tr::EMIN, true>(v, u);
   } else if (ROUND == ROUND_NEAREST) {
     v = round_to_grid<Tr::MANT, Tr::EMIN, false>(v, v);
   }
   const float a = fabsf(v);
   *mag = (a <= Tr::max_finite()) ? a : __builtin_huge_valf();  // NaN fails the test too
   return v;
-}
-
-// the stream offset of element (i, j): Triton computes i * N + j in int32; same bits as uint32 arithmetic
-PLORA_HD uint32_t rand_offset(int64_t i, int64_t j, int64_t N) {
-  return static_cast<uint32_t>(i) * static_cast<uint32_t>(N) + static_cast<uint32_t>(j);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -207,7 +206,7 @@ __global__ void __launch_bounds__(THREADS)
 unload_kernel(WT* __restrict__ w, const void* __restrict__ a, const void* __restrict__ b,
               float* __restrict__ stats, int M, int N, int R,
               int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an, int64_t s_bm, int64_t s_br,
-              int a_dt, int b_dt, float coef, uint64_t seed, uint32_t rand_base, int write) {
+              int a_dt, int b_dt, float coef, uint64_t seed, uint32_t row_offset, int write) {
   constexpr int VEC = Tile<WT>::VEC, BN = Tile<WT>::BN;
   __shared__ __align__(16) float As[KC][BN];
   __shared__ float Bs[BM][KC + 1];
@@ -266,15 +265,19 @@ unload_kernel(WT* __restrict__ w, const void* __restrict__ a, const void* __rest
     const int i = m0 + ty + r * TY;
     if (i >= M || j0 >= N) continue;
     WT* row = w + static_cast<int64_t>(i) * s_wm;
+    const uint32_t grow = row_offset + static_cast<uint32_t>(i);  // the row in the full weight
     const bool vec = s_wn == 1 && j0 + VEC <= N && (reinterpret_cast<uintptr_t>(row + j0) & 15) == 0;
     if (vec) {
       union { uint4 u; WT e[VEC]; } pack;
       pack.u = *reinterpret_cast<const uint4*>(row + j0);
+      // a 16-bit W has VEC = 8 and j0 % 8 == 0: the vector is one Philox group, one call for 8 elements
+      uint32_t words[4] = {0u, 0u, 0u, 0u};
+      if (ROUND == ROUND_STOCHASTIC) philox4(seed, static_cast<uint32_t>(j0) >> 3, grow, words);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         float mag;
-        const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(pack.e[v]), acc[r][v], coef, seed,
-                                                  rand_base + rand_offset(i, j0 + v, N), &mag);
+        const float u = ROUND == ROUND_STOCHASTIC ? sr_uniform_of(words, static_cast<uint32_t>(j0 + v)) : 0.0f;
+        const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(pack.e[v]), acc[r][v], coef, u, &mag);
         tmax = fmaxf(tmax, mag);
         pack.e[v] = WTraits<WT>::store(nv);
       }
@@ -286,8 +289,8 @@ unload_kernel(WT* __restrict__ w, const void* __restrict__ a, const void* __rest
         if (j >= N) break;
         WT* p = row + static_cast<int64_t>(j) * s_wn;
         float mag;
-        const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(*p), acc[r][v], coef, seed,
-                                                  rand_base + rand_offset(i, j, N), &mag);
+        const float u = ROUND == ROUND_STOCHASTIC ? sr_uniform(seed, grow, static_cast<uint32_t>(j)) : 0.0f;
+        const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(*p), acc[r][v], coef, u, &mag);
         tmax = fmaxf(tmax, mag);
         if (write) *p = WTraits<WT>::store(nv);
       }
@@ -312,7 +315,7 @@ unload_kernel(WT* __restrict__ w, const void* __restrict__ a, const void* __rest
 template <typename WT, int ROUND>
 void unload_host(WT* w, const void* a, const void* b, float* stats, int64_t M, int64_t N, int64_t R,
                  int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an, int64_t s_bm, int64_t s_br,
-                 int a_dt, int b_dt, float coef, uint64_t seed, uint32_t rand_base, int write) {
+                 int a_dt, int b_dt, float coef, uint64_t seed, uint32_t row_offset, int write) {
   float tmax = 0.0f;
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = 0; j < N; ++j) {
@@ -321,7 +324,9 @@ void unload_host(WT* w, const void* a, const void* b, float* stats, int64_t M, i
         delta = fadd(delta, fmul(load_factor(b, b_dt, i * s_bm + k * s_br), load_factor(a, a_dt, k * s_ar + j * s_an)));
       WT* p = w + i * s_wm + j * s_wn;
       float mag;
-      const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(*p), delta, coef, seed, rand_base + rand_offset(i, j, N), &mag);
+      const float u = ROUND == ROUND_STOCHASTIC
+          ? sr_uniform(seed, row_offset + static_cast<uint32_t>(i), static_cast<uint32_t>(j)) : 0.0f;
+      const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(*p), delta, coef, u, &mag);
       tmax = tmax > mag ? tmax : mag;
       if (write) *p = WTraits<WT>::store(nv);
     }
@@ -351,13 +356,13 @@ inline int check_args(const void* w, int w_dt, const void* a, int a_dt, const vo
 template <typename WT, int ROUND>
 int launch_typed(void* w, const void* a, int a_dt, const void* b, int b_dt, float* stats, int64_t M, int64_t N,
                  int64_t R, int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an, int64_t s_bm, int64_t s_br,
-                 float coef, uint64_t seed, uint32_t rand_base, int write, cudaStream_t stream) {
+                 float coef, uint64_t seed, uint32_t row_offset, int write, cudaStream_t stream) {
   constexpr int BN = Tile<WT>::BN;
   const int64_t blocks = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
   if (blocks > INT32_MAX) return E_SIZE;
   unload_kernel<WT, ROUND><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
       static_cast<WT*>(w), a, b, stats, static_cast<int>(M), static_cast<int>(N), static_cast<int>(R), s_wm, s_wn,
-      s_ar, s_an, s_bm, s_br, a_dt, b_dt, coef, seed, rand_base, write);
+      s_ar, s_an, s_bm, s_br, a_dt, b_dt, coef, seed, row_offset, write);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -367,16 +372,16 @@ int launch_typed(void* w, const void* a, int a_dt, const void* b, int b_dt, floa
 // C ABI. Sizes and strides are in elements. dtype: 0 fp32, 1 fp16, 2 bf16. rounding: 0 none, 1 nearest-even,
 // 2 stochastic (an fp32 W is never rounded, whatever is passed; a 16-bit W needs 1 or 2). seed: the 64-bit
 // pattern Triton would see after widening its seed argument to uint64 (sign-extended for a negative seed).
-// rand_base: added to every element's stream offset: row_offset * N when W is a row shard starting at
-// row_offset of a larger weight, so the shard rounds with the random numbers the full weight would use.
+// row_offset: W is a row shard starting at row row_offset of a larger weight; the stochastic stream is indexed
+// by the full weight's rows, so the shard rounds with the random numbers the full weight would use.
 // Returns 0, a negative plora error code, or (launcher only) a cudaError_t.
 extern "C" {
 
-int plora_unload_abi_version(void) { return 2; }
+int plora_unload_abi_version(void) { return 3; }
 
 int plora_unload_launch(void* w, int w_dt, const void* a, int a_dt, const void* b, int b_dt, float* stats,
                         int64_t M, int64_t N, int64_t R, int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an,
-                        int64_t s_bm, int64_t s_br, float coef, uint64_t seed, uint32_t rand_base, int rounding, int write,
+                        int64_t s_bm, int64_t s_br, float coef, uint64_t seed, uint32_t row_offset, int rounding, int write,
                         void* stream) {
   using namespace plora;
   const int err = check_args(w, w_dt, a, a_dt, b, b_dt, stats, M, N, R, rounding);
@@ -384,7 +389,7 @@ int plora_unload_launch(void* w, int w_dt, const void* a, int a_dt, const void* 
   if (M == 0 || N == 0) return OK;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int mode = effective_rounding(w_dt, rounding);
-#define PLORA_ARGS w, a, a_dt, b, b_dt, stats, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, coef, seed, rand_base, write, s
+#define PLORA_ARGS w, a, a_dt, b, b_dt, stats, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, coef, seed, row_offset, write, s
   if (w_dt == DT_F32) return launch_typed<float, ROUND_NONE>(PLORA_ARGS);
   if (w_dt == DT_F16)
     return mode == ROUND_STOCHASTIC ? launch_typed<__half, ROUND_STOCHASTIC>(PLORA_ARGS)
@@ -396,12 +401,12 @@ int plora_unload_launch(void* w, int w_dt, const void* a, int a_dt, const void* 
 
 int plora_unload_host(void* w, int w_dt, const void* a, int a_dt, const void* b, int b_dt, float* stats,
                       int64_t M, int64_t N, int64_t R, int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an,
-                      int64_t s_bm, int64_t s_br, float coef, uint64_t seed, uint32_t rand_base, int rounding, int write) {
+                      int64_t s_bm, int64_t s_br, float coef, uint64_t seed, uint32_t row_offset, int rounding, int write) {
   using namespace plora;
   const int err = check_args(w, w_dt, a, a_dt, b, b_dt, stats, M, N, R, rounding);
   if (err != OK) return err;
   const int mode = effective_rounding(w_dt, rounding);
-#define PLORA_ARGS a, b, stats, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, a_dt, b_dt, coef, seed, rand_base, write
+#define PLORA_ARGS a, b, stats, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, a_dt, b_dt, coef, seed, row_offset, write
   if (w_dt == DT_F32) {
     unload_host<float, ROUND_NONE>(static_cast<float*>(w), PLORA_ARGS);
   } else if (w_dt == DT_F16) {
@@ -416,10 +421,10 @@ int plora_unload_host(void* w, int w_dt, const void* a, int a_dt, const void* b,
   return OK;
 }
 
-// Triton's tl.rand(seed, offset) for offsets offset0 .. offset0 + n - 1 (host; for tests)
-int plora_triton_rand_host(uint64_t seed, uint32_t offset0, int64_t n, float* out) {
+// the stochastic uniforms of columns col0 .. col0 + n - 1 of row `row` of a full weight (host; for tests)
+int plora_sr_uniform_host(uint64_t seed, uint32_t row, uint32_t col0, int64_t n, float* out) {
   if (n < 0 || (n > 0 && out == nullptr)) return plora::E_NULL;
-  for (int64_t q = 0; q < n; ++q) out[q] = plora::triton_rand(seed, offset0 + static_cast<uint32_t>(q));
+  for (int64_t q = 0; q < n; ++q) out[q] = plora::sr_uniform(seed, row, col0 + static_cast<uint32_t>(q));
   return plora::OK;
 }
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ._backend import use_triton
 from .ops import reference
 from .ops.checks import check_generator_device, check_unload_args
-from .ops.unload import _overflow_error, _unload_with_kernel
+from .ops.unload import _Merge, _merge_with_kernel, _overflow_error
 
 _SKIP_CHUNK = 1 << 20  # uniforms skipped per draw: a 4 MiB scratch buffer at most
 
@@ -98,9 +98,9 @@ def _merge_rows_(weight_shard, lora_A, lora_B_rows, scaling, momentum, rounding,
     if use_triton(weight_shard):
         if not _all_ranks_true(factors_ok, groups, weight_shard.device):
             raise _merge_error(False, weight_shard)
-        _unload_with_kernel(weight_shard, lora_A, lora_B_rows, (1.0 - momentum) * scaling, rounding, generator,
-                       row_offset=row_offset,
-                       all_ranks=lambda flag: _all_ranks_true(flag, groups, weight_shard.device))
+        _merge_with_kernel([_Merge(weight_shard, lora_A, lora_B_rows, (1.0 - momentum) * scaling, rounding,
+                                   generator, row_offset)],
+                           all_ranks=lambda flag: _all_ranks_true(flag, groups, weight_shard.device))
         return
 
     stochastic = _stochastic(weight_shard, rounding)
@@ -169,7 +169,7 @@ def unload_sharded_(weight_shard: torch.Tensor, lora_A: torch.Tensor, lora_B_sha
     with torch.no_grad():
         _merge_rows_(weight_shard, lora_A, lora_B_shard, scaling, momentum, rounding, generator, row_offset,
                      out_features, _groups(group))
-        reference.reset_factors_(lora_A, lora_B_shard, momentum, generator)
+        reference.reset_factors_([lora_A], [lora_B_shard], [momentum], [generator])
 
 
 def local_row_range(t) -> tuple[int, int]:
@@ -238,7 +238,7 @@ def unload_dtensor_(weight, lora_A, lora_B, scaling: float, *, momentum: float =
             b_rows = lora_B[row_offset:row_offset + rows]
         _merge_rows_(w_local, a_full, b_rows, scaling, momentum, rounding, generator, row_offset,
                      weight.shape[0], _mesh_groups(weight))
-        reference.reset_factors_(a_full, b_local, momentum, generator)
+        reference.reset_factors_([a_full], [b_local], [momentum], [generator])
         if is_dtensor(lora_A) and momentum == 0.0:  # A was re-drawn: keep this rank's part of the common draw
             from torch.distributed.tensor import distribute_tensor
 

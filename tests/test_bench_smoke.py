@@ -106,3 +106,31 @@ def test_make_report(tmp_path):
     text = md.read_text()
     assert "No GPU run has been recorded yet" not in text
     assert "Fake GPU" in text and "Targets in the latest GPU run" in text and "peak extra memory" in text
+
+
+def test_make_report_renders_sweeps_pieces_and_static_records(tmp_path):
+    """Rows from --sweep / --pieces and the static kernels record each get their own table."""
+    report = _make_report()
+    results = tmp_path / "results"
+    results.mkdir()
+    assert linear.main(["--quick", "--out", str(results), "--shape", "64,128,128", "--modes", "fwd", *FAST]) == 0
+    assert unload.main(["--quick", "--out", str(results), "--shape", "128,256", *FAST]) == 0
+    lin_path, unl_path = _one(results, "linear-*.json"), _one(results, "unload-*.json")
+    lin, unl = json.loads(lin_path.read_text()), json.loads(unl_path.read_text())
+    lin["results"].append(dict(lin["results"][0], contender="piece: triton x@W.T", median_ms=0.123,
+                               ratio_to_floor=1.5))
+    unl["results"].append(dict(unl["results"][0], contender="sweep nearest [32x256 w16]", median_ms=0.0456,
+                               pct_copy=77.0))
+    lin_path.write_text(json.dumps(lin))
+    unl_path.write_text(json.dumps(unl))
+    static = {"benchmark": "kernels", "environment": dict(unl["environment"], device_slug="sm90"),
+              "config": {"arch": 90, "static": True},
+              "results": [{"kernel": "unload", "variant": "production r=16", "registers": 64, "warps_per_sm": 32}]}
+    (results / "kernels-sm90-20000101T000000Z.json").write_text(json.dumps(static))
+    md = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(results), "--output", str(md)]) == 0
+    text = md.read_text()
+    assert "the fused forward's parts" in text and "| triton x@W.T | 0.1230 (1.500x) |" in text
+    assert "ablations of the raw Triton merge" in text, text
+    assert "| nearest [32x256 w16] | 0.0456 | 77.0 |" in text
+    assert "Compiled kernels (static" in text and "| production r=16 | 64 |" in text

@@ -142,12 +142,30 @@ def test_host_strided_factors_and_weight():
     assert _bits_equal(big[:, :7], frame[:, :7]) and _bits_equal(big[:, 79:], frame[:, 79:])
 
 
-def test_host_rand_is_triton_stream_at_wraparound():
-    """Offsets are int32 in Triton: i * N + j wraps; the host stream agrees with a direct Philox evaluation."""
+def _philox4x32_10(seed: int, c0: int, c1: int) -> list[int]:
+    """Philox4x32-10 (Salmon et al. 2011; Triton's constants), counter (c0, c1, 0, 0), in plain Python ints."""
+    m = 0xFFFFFFFF
+    c = [c0 & m, c1 & m, 0, 0]
+    k0, k1 = seed & m, (seed >> 32) & m
+    for _ in range(10):
+        p0, p2 = c[0], c[2]
+        c = [((0xCD9E8D57 * p2) >> 32) ^ c[1] ^ k0, (0xCD9E8D57 * p2) & m,
+             ((0xD2511F53 * p0) >> 32) ^ c[3] ^ k1, (0xD2511F53 * p0) & m]
+        k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
+    return c
+
+
+def test_host_uniforms_are_16_bits_of_philox_per_element():
+    """Element (row, j) takes half j % 2 of word (j % 8) // 2 of Philox(counter (j // 8, row)): 8 per call."""
     _need_lib()
-    u = cu.triton_rand_host(7, 2**32 - 2, 4)  # offsets 2^32-2, 2^32-1, 0, 1 (uint32 wrap)
-    assert torch.equal(u[2:], cu.triton_rand_host(7, 0, 2))
-    assert ((u >= 0) & (u < 1)).all()
+    seed, row = 2**33 + 7, 2**32 - 1  # a seed with high bits; the largest row
+    got = cu.sr_uniform_host(seed, row, 5, 19)  # columns 5 .. 23: three groups, partial at both ends
+    want = []
+    for j in range(5, 24):
+        word = _philox4x32_10(seed, j // 8, row)[(j % 8) // 2]
+        want.append((((word >> (16 * (j % 2))) & 0xFFFF) + 0.5) / 65536)
+    assert got.tolist() == want
+    assert ((got > 0) & (got < 1)).all()
 
 
 # (c) ---------------------------------------------------------------------------------------------------------

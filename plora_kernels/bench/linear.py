@@ -9,6 +9,10 @@ r in {8, 16, 64}. Contenders, all timed in the same process on the same tensors:
             backward of the same kind (``dx = dy @ W; dx.addmm_(dy @ B, A, alpha=s)``)
   ours      ``plora_kernels.lora_linear``
 
+``--pieces`` (GPU, Triton) adds forward rows that time the fused forward's parts on their own: the Triton
+GEMM without the low-rank term (against the floor it says how far the GEMM itself is from cuBLAS), the
+fused GEMM given a precomputed xa, and xa = x @ A.T by Triton and by cuBLAS.
+
 Every tensor (x, W, A, B, dy) is in ``--dtype`` (bf16 by default) for every contender: we do not use
 PEFT's fp32-adapter default here, so that all contenders do the same arithmetic. No bias, no dropout, W frozen;
 forward+backward produces dx, dA and dB (no dW). FLOPs: forward 2·M·in·out·(1 + r/out + r/in);
@@ -135,6 +139,33 @@ def build_case(M, k_in, n_out, r, dtype, device, scaling=2.0):
     }
 
 
+PIECES = {
+    "piece: triton x@W.T": "the Triton GEMM alone, no low-rank term (HAS_LORA off)",
+    "piece: triton x@W.T + s*xa@B.T": "the fused GEMM given xa (the forward minus its xa launch)",
+    "piece: triton xa=x@A.T": "the forward's first launch, N = r",
+    "piece: cuBLAS xa=x@A.T": "the same product by cuBLAS",
+}
+
+
+def piece_fns(M, k_in, n_out, r, dtype, device, scaling=2.0) -> dict:
+    """name -> callable for PIECES, on the tensors build_case would make for this shape."""
+    from ..ops.triton.lora_matmul import lora_matmul
+
+    gen = torch.Generator(device=device).manual_seed(M * 7 + k_in * 3 + n_out + r)
+    x = torch.randn(M, k_in, device=device, generator=gen).to(dtype)
+    weight = (torch.randn(n_out, k_in, device=device, generator=gen) * k_in ** -0.5).to(dtype)
+    lora_A = ((torch.rand(r, k_in, device=device, generator=gen) * 2 - 1) * k_in ** -0.5).to(dtype)
+    lora_B = (torch.randn(n_out, r, device=device, generator=gen) * 0.02).to(dtype)
+    xa = x @ lora_A.t()
+    return {
+        "piece: triton x@W.T": lambda: lora_matmul(x, weight.t()),
+        "piece: triton x@W.T + s*xa@B.T": lambda: lora_matmul(x, weight.t(), lora_s=xa, lora_l=lora_B.t(),
+                                                              scaling=scaling),
+        "piece: triton xa=x@A.T": lambda: lora_matmul(x, lora_A.t()),
+        "piece: cuBLAS xa=x@A.T": lambda: x @ lora_A.t(),
+    }
+
+
 def _run_config(M, k_in, n_out, r, dtype, device, args, backend_label):
     """Time every contender on one (M, in, out, r); returns the result rows."""
     fns = build_case(M, k_in, n_out, r, dtype, device)
@@ -180,6 +211,18 @@ def _run_config(M, k_in, n_out, r, dtype, device, args, backend_label):
             if name == "floor":
                 floor_ms = t.median_ms
             row["ratio_to_floor"] = t.median_ms / floor_ms if floor_ms else None
+            rows.append(row)
+    floor = next((row for row in rows if row["mode"] == "fwd" and row["contender"] == "floor"), None)
+    if getattr(args, "pieces", False) and backend_label.startswith("triton") and floor and floor.get("median_ms"):
+        for name, fn in piece_fns(M, k_in, n_out, r, dtype, device).items():
+            row = {"mode": "fwd", "M": M, "in": k_in, "out": n_out, "r": r, "dtype": common.dtype_name(dtype),
+                   "contender": name, "label": name}
+            try:
+                with torch.no_grad():
+                    t = common.bench(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+                row.update(t.as_dict(), ratio_to_floor=t.median_ms / floor["median_ms"])
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
     if "error" in checks:
         for row in rows:
@@ -248,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", action="append", default=None, metavar="M,IN,OUT",
                    help="a shape to run instead of the defaults (repeatable)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (default)")
+    p.add_argument("--pieces", action="store_true",
+                   help="also time the fused forward's parts (Triton GEMM alone, fused GEMM given xa, xa)")
     common.add_common_args(p)
     return p
 
@@ -312,7 +357,7 @@ def main(argv=None) -> int:
         "benchmark": "linear", "schema": 1, "environment": env,
         "config": {"shapes": [list(s) for s in shapes], "ranks": ranks, "dtype": common.dtype_name(dtype),
                    "modes": args.modes, "quick": args.quick, "scaling": 2.0, "warmup_ms": args.warmup_ms,
-                   "rep_ms": args.rep_ms, "ours_backend": backend_label, "contenders": CONTENDERS,
+                   "rep_ms": args.rep_ms, "ours_backend": backend_label, "contenders": CONTENDERS, "pieces": PIECES if args.pieces else None,
                    "flops": {"fwd": "2*M*in*out*(1 + r/out + r/in)", "fwd+bwd": "4*M*in*out + 6*M*r*(in + out)",
                              "floor": "2*M*in*out (fwd), 4*M*in*out (fwd+bwd)"}},
         "notes": notes, "targets": targets,

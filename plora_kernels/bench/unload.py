@@ -14,6 +14,11 @@ target row 8192x8192 r=16 bf16. Contenders, timed in one process on the same ten
   cuda nearest       the CUDA C++ twin ``ops.cuda_unload.merge_`` where it is built and available
   cuda stochastic
 
+``--sweep`` adds ablation rows for the raw Triton merge ("sweep ..."), each one knob of
+``ops.triton.unload.merge_(tuning=...)`` away from production: other tiles, the rank-1-update path instead of
+the dot, no max|W| report, fewer Philox rounds (0 rounds: the RNG's cost), no low-rank product (the pass
+over W alone). One GPU call then says where the merge's time goes.
+
 Bytes moved = 2·|W|·itemsize (W read once, written once; the factors are negligible). "% copy" is the copy
 row's time over the contender's time. Peak extra memory is ``torch.cuda.max_memory_allocated`` during one
 call minus what was allocated before it (steady state; for unload_ also the first call on a weight, which
@@ -71,6 +76,39 @@ def make_tensors(n_out, k_in, r, dtype, factor_dtype, device):
     lora_A = ((torch.rand(r, k_in, device=device, generator=gen) * 2 - 1) * k_in ** -0.5).to(factor_dtype)
     lora_B = (torch.randn(n_out, r, device=device, generator=gen) * 0.02).to(factor_dtype)
     return weight, lora_A, lora_B
+
+
+# (label, knobs) for --sweep; "stochastic only" rows vary the random stream's cost
+SWEEP = (
+    ("default", {}),
+    ("64x256 w8 (default until 2026-11-26)", {"block_m": 64, "block_n": 256, "num_warps": 8}),
+    ("64x256 w16", {"block_m": 64, "block_n": 256, "num_warps": 16}),
+    ("32x256 w16", {"block_m": 32, "block_n": 256, "num_warps": 16}),
+    ("64x128 w16", {"block_m": 64, "block_n": 128, "num_warps": 16}),
+    ("32x128 w8", {"block_m": 32, "block_n": 128, "num_warps": 8}),
+    ("16x256 w8", {"block_m": 16, "block_n": 256, "num_warps": 8}),
+    ("fma", {"small_r": True}),
+    ("dot", {"small_r": False}),
+    ("no stats", {"stats": False}),
+    ("no delta", {"delta": False}),
+    ("no delta, no stats", {"delta": False, "stats": False}),
+)
+SWEEP_STOCHASTIC = (("philox 7 rounds", {"n_rounds": 7}), ("philox 0 rounds", {"n_rounds": 0}))
+
+
+def sweep_fns(weight, lora_A, lora_B) -> dict:
+    """label -> callable: the raw Triton merge with each ablation of SWEEP, nearest and stochastic."""
+    from ..ops.triton.unload import merge_
+
+    coef = (1.0 - MOMENTUM) * SCALING
+    fns = {}
+    for rounding in ("nearest", "stochastic"):
+        extra = SWEEP_STOCHASTIC if rounding == "stochastic" else ()
+        for label, knobs in SWEEP + extra:
+            fns[f"sweep {rounding} [{label}]"] = (
+                lambda rounding=rounding, knobs=knobs: merge_(weight, lora_A, lora_B, coef, rounding, SEED,
+                                                              write=True, tuning=knobs))
+    return fns
 
 
 def contender_fns(weight, lora_A, lora_B, skip=None):
@@ -151,6 +189,9 @@ def _run_config(n_out, k_in, r, dtype, factor_dtype, device, args):
             row["peak_extra_first_bytes"] = common.peak_extra_bytes(fns[name], device)
         if not bool(torch.isfinite(weight.float().abs().max())):  # paranoia: timing must not blow W up
             row["note"] = "W became non-finite during timing"
+    if args.sweep and "merge_ nearest" in fns:
+        for name, fn in sweep_fns(weight, lora_A, lora_B).items():
+            timed(name, fn)
     copy_ms = copy_row.get("median_ms")
     for row in rows:
         if row.get("median_ms") and copy_ms:
@@ -241,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="W dtypes, comma-separated (default bf16,fp16; --quick: bf16)")
     p.add_argument("--factor-dtype", default="same",
                    help="dtype of A and B: 'same' as W (default), 'fp32' (PEFT's default), or 'same,fp32'")
+    p.add_argument("--sweep", action="store_true",
+                   help="add ablation rows of the raw Triton merge (tiles, FMA path, no stats, Philox rounds; GPU)")
     p.add_argument("--shape", action="append", default=None, metavar="OUT,IN",
                    help="a W shape to run instead of the defaults (repeatable)")
     common.add_common_args(p)
@@ -303,7 +346,7 @@ def main(argv=None) -> int:
     payload = {
         "benchmark": "unload", "schema": 1, "environment": env,
         "config": {"configs": [[o, i, r, common.dtype_name(d)] for o, i, r, d in configs],
-                   "factor_dtype": factor_modes, "quick": args.quick, "scaling": SCALING, "momentum": MOMENTUM,
+                   "factor_dtype": factor_modes, "quick": args.quick, "sweep": args.sweep, "scaling": SCALING, "momentum": MOMENTUM,
                    "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "contenders": CONTENDERS,
                    "bytes": "2*|W|*itemsize", "ours_backend": common.backend_label(torch.empty(1, device=device))},
         "notes": notes, "targets": targets,

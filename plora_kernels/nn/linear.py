@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import lora_linear, unload_
+from ..ops.unload import UnloadSpec, unload_many_
 from ..ops.checks import ROUNDINGS
 from ..ops.reference import init_lora_A_
 
@@ -93,9 +94,12 @@ class PLoRALinear(nn.Module):
 
     def unload_(self, generator: torch.Generator | None = None) -> None:
         """Merge the adapter into the weight (momentum rule, one rounding) and reset it; counts unloads."""
-        unload_(self.weight, self.lora_A, self.lora_B, self.scaling, momentum=self.momentum,
-                rounding=self.rounding, generator=generator)
-        self.num_unloads += 1
+        unload_layers_([self], [generator])
+
+    def unload_spec(self, generator: torch.Generator | None = None, label: str = "") -> UnloadSpec:
+        """This layer's arguments to :func:`plora_kernels.ops.unload.unload_many_`."""
+        return UnloadSpec(self.weight, self.lora_A, self.lora_B, self.scaling, self.momentum, self.rounding,
+                          generator, label)
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
@@ -114,3 +118,19 @@ class PLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, alpha={self.alpha}, momentum={self.momentum}, rounding={self.rounding!r}, "
                 f"unloads={int(self.num_unloads)}")
+
+
+def unload_layers_(layers, generators=None, labels=None) -> None:
+    """Unload PLoRALinear layers together and count the unloads: on the kernel path they share their checks
+    and one host sync (see :func:`plora_kernels.ops.unload.unload_many_`), and nothing changes on an error.
+
+    ``generators``: one per layer (or None: the global RNGs); ``labels``: names for error messages.
+    """
+    layers = list(layers)
+    generators = [None] * len(layers) if generators is None else list(generators)
+    labels = [""] * len(layers) if labels is None else list(labels)
+    if not len(generators) == len(labels) == len(layers):
+        raise ValueError(f"got {len(layers)} layers, {len(generators)} generators and {len(labels)} labels")
+    unload_many_([layer.unload_spec(g, name) for layer, g, name in zip(layers, generators, labels)])
+    if layers:
+        torch._foreach_add_([layer.num_unloads for layer in layers], 1)

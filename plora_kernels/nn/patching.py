@@ -6,7 +6,7 @@ from typing import Iterable, Iterator
 
 from torch import nn
 
-from .linear import PLoRALinear
+from .linear import PLoRALinear, unload_layers_
 
 
 def plora_layers(model: nn.Module) -> Iterator[tuple[str, PLoRALinear]]:
@@ -76,12 +76,12 @@ def apply_plora(model: nn.Module, target_modules: str | Iterable[str] | None = N
 
 
 def unload_all_(model: nn.Module, generator=None) -> int:
-    """Unload every PLoRALinear in ``model``; returns how many were unloaded."""
-    count = 0
-    for _, layer in plora_layers(model):
-        layer.unload_(generator=generator)
-        count += 1
-    return count
+    """Unload every PLoRALinear in ``model`` together (one host sync on the kernel path; an error changes no
+    layer there); returns how many were unloaded. A shared ``generator`` is consumed in the fixed order
+    :func:`plora_kernels.ops.unload.unload_many_` documents."""
+    named = list(plora_layers(model))
+    unload_layers_([layer for _, layer in named], [generator] * len(named), [name for name, _ in named])
+    return len(named)
 
 
 def merge_plora(model: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ _HERE = Path(__file__).resolve()
 SOURCE = next((p for p in (_HERE.parents[2] / "csrc" / "plora_unload.cu", _HERE.parents[1] / "_csrc" / "plora_unload.cu")
                if p.is_file()), _HERE.parents[2] / "csrc" / "plora_unload.cu")
 LIB_NAME = "libplora_unload.so"
-ABI_VERSION = 2
+ABI_VERSION = 3
 ARCHS = ("80", "90")
 FLAGS = (
     "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17",
@@ -158,8 +158,8 @@ def _load(path: str) -> ctypes.CDLL:
     lib.plora_unload_launch.restype = _INT
     lib.plora_unload_host.argtypes = list(_COMMON)
     lib.plora_unload_host.restype = _INT
-    lib.plora_triton_rand_host.argtypes = [_U64, ctypes.c_uint32, _I64, _P]
-    lib.plora_triton_rand_host.restype = _INT
+    lib.plora_sr_uniform_host.argtypes = [_U64, ctypes.c_uint32, ctypes.c_uint32, _I64, _P]
+    lib.plora_sr_uniform_host.restype = _INT
     lib.plora_unload_error_string.argtypes = [_INT]
     lib.plora_unload_error_string.restype = ctypes.c_char_p
     return lib
@@ -201,7 +201,7 @@ def _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, devic
         lora_B.data_ptr(), _DTYPE_CODE[lora_B.dtype], stats.data_ptr(), M, N, R,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(coef), int(seed) & 0xFFFFFFFFFFFFFFFF,  # Triton widens its seed to uint64 (sign-extending)
-        (int(row_offset) * N) & 0xFFFFFFFF,  # the shard's first stream offset, as Triton's int32 (i + row_offset) * N
+        int(row_offset) & 0xFFFFFFFF,  # the stream counts the full weight's rows
         _ROUNDING[rounding], 1 if write else 0,
     ], stats
 
@@ -211,8 +211,9 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coe
     """W <- round(W + coef B A) in place on CUDA tensors (or a dry run when ``write`` is False).
 
     Same contract as the Triton ``merge_``: returns a 1-element fp32 tensor on W's device holding max |new W|,
-    or +inf if any new value is not finite in W's dtype; the stochastic stream is Triton's tl.rand(seed, i*N+j),
-    so the same seed gives the same W. Runs on the current stream of W's device. Checks beyond shapes, dtypes
+    or +inf if any new value is not finite in W's dtype; the stochastic stream is the Triton kernel's
+    (``sr_uniform``: Philox4x32-10, counter (j // 8, row), 16 bits per element), so the same seed gives the
+    same W. Runs on the current stream of W's device. Checks beyond shapes, dtypes
     and devices are the caller's job (see ops.unload).
     """
     args, stats = _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, "cuda")
@@ -234,10 +235,11 @@ def merge_host_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     return stats
 
 
-def triton_rand_host(seed: int, offset0: int, n: int) -> torch.Tensor:
-    """tl.rand(seed, offset0 + arange(n)) as the library computes it (host), for tests."""
+def sr_uniform_host(seed: int, row: int, col0: int, n: int) -> torch.Tensor:
+    """The stochastic-rounding uniforms of columns col0 .. col0 + n - 1 of row ``row`` of a full weight, as the
+    library computes them (host), for tests."""
     out = torch.empty(n, dtype=torch.float32)
     lib = library()
-    _check(lib, lib.plora_triton_rand_host(int(seed) & 0xFFFFFFFFFFFFFFFF, offset0 & 0xFFFFFFFF, n, out.data_ptr()),
-           "triton_rand_host")
+    _check(lib, lib.plora_sr_uniform_host(int(seed) & 0xFFFFFFFFFFFFFFFF, row & 0xFFFFFFFF, col0 & 0xFFFFFFFF, n,
+                                          out.data_ptr()), "sr_uniform_host")
     return out

@@ -71,13 +71,17 @@ def unload_value(weight, lora_A, lora_B, scaling, momentum=0.0, rounding="neares
     return round_to(v, weight.dtype, rounding, generator)
 
 
-def reset_factors_(lora_A, lora_B, momentum, generator=None) -> None:
-    """The adapter after an unload: m = 0 re-draws A (nn.Linear/PEFT init) and zeroes B; m > 0 scales B."""
-    if momentum == 0.0:
-        lora_B.zero_()
-        init_lora_A_(lora_A, generator)
-    else:
-        lora_B.mul_(momentum)
+def reset_factors_(lora_As, lora_Bs, momenta, generators) -> None:
+    """The adapters after an unload, for a list of layers: m = 0 re-draws A (nn.Linear/PEFT init) and zeroes
+    B; m > 0 scales B by m. The zeroing is one multi-tensor op; each fresh A comes from its layer's generator."""
+    zero = [b for b, m in zip(lora_Bs, momenta) if m == 0.0]
+    if zero:
+        torch._foreach_zero_(zero)
+    for a, b, m, g in zip(lora_As, lora_Bs, momenta, generators):
+        if m == 0.0:
+            init_lora_A_(a, g)
+        else:  # not _foreach_mul_: its scalar is rounded to B's dtype first, so fp16 B * m would differ
+            b.mul_(m)
 
 
 def init_lora_A_(lora_A: torch.Tensor, generator=None) -> torch.Tensor:

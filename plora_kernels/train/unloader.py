@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..nn.linear import unload_layers_
 from ..nn.patching import plora_layers
 
 OPTIMIZER_RESETS = ("zero", "scale", "keep")
@@ -39,7 +40,9 @@ class PeriodicUnloader:
                  optimizer_reset: str | None = None, seed: int = 0):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
-        self.layers = [layer for _, layer in plora_layers(model)]
+        named = list(plora_layers(model))
+        self.layers = [layer for _, layer in named]
+        self.names = [name for name, _ in named]
         if not self.layers:
             raise ValueError("model has no PLoRALinear layers; call plora_kernels.apply_plora(model) first")
         if optimizer_reset is None:
@@ -60,26 +63,29 @@ class PeriodicUnloader:
 
     @torch.no_grad()
     def unload(self) -> None:
-        """Unload every layer now and reset the adapters' optimizer state per policy."""
-        for i, layer in enumerate(self.layers):
-            layer.unload_(generator=unload_generator(self.seed, self.num_unloads, i, layer.weight.device))
-            self._reset_optimizer_state(layer)
+        """Unload every layer now (together: one host sync on the kernel path) and reset the adapters'
+        optimizer state per policy."""
+        generators = [unload_generator(self.seed, self.num_unloads, i, layer.weight.device)
+                      for i, layer in enumerate(self.layers)]
+        unload_layers_(self.layers, generators, self.names)
+        self._reset_optimizer_state()
         self.num_unloads += 1
 
-    def _reset_optimizer_state(self, layer) -> None:
+    def _reset_optimizer_state(self) -> None:
         if self.optimizer is None or self.optimizer_reset == "keep":
             return
-        for p in (layer.lora_A, layer.lora_B):
-            state = self.optimizer.state.get(p)
-            if not state:
-                continue
-            for key, value in state.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                if self.optimizer_reset == "zero":
-                    value.zero_()  # moments and the step count: Adam's bias correction restarts too
-                elif key != "step" and value.shape == p.shape:
-                    value.mul_(layer.momentum)
+        zero = []
+        for layer in self.layers:
+            for p in (layer.lora_A, layer.lora_B):
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    if self.optimizer_reset == "zero":
+                        zero.append(value)  # moments and the step count: Adam's bias correction restarts too
+                    elif key != "step" and value.shape == p.shape:
+                        value.mul_(layer.momentum)  # as B: not _foreach_mul_, which rounds the scalar first
+        if zero:
+            torch._foreach_zero_(zero)  # one multi-tensor launch per device and dtype, not a few per layer
 
     def state_dict(self) -> dict:
         return {"every": self.every, "step_count": self.step_count, "num_unloads": self.num_unloads,

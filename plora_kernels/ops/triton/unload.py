@@ -46,6 +46,27 @@ def round_to_grid(v, u, MANT: tl.constexpr, EMIN: tl.constexpr, STOCHASTIC: tl.c
 
 
 @triton.jit
+def sr_uniform(seed, rows, group0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr):
+    """The stochastic-rounding uniforms of a BLOCK_M x BLOCK_N tile whose columns start at 8 * group0.
+
+    Element (row i, column j) takes 16 bits of Philox4x32 with key ``seed`` and counter (j // 8, i, 0, 0):
+    half j % 2 of output word (j % 8) // 2, as (bits + 0.5) / 2**16. One Philox call serves 8 elements;
+    one per element (tl.rand) cost ~0.2 ms of issue time at 8192 x 8192, 3x the pass over W. 16 bits leave a
+    bias below 2**-17 ulp. The counter is the element's logical position, so the same seed gives the same W
+    whatever the tiling, and a row shard (rows offset) draws what the full W would. csrc/ computes the same.
+    """
+    G: tl.constexpr = BLOCK_N // 8
+    zero = tl.zeros((BLOCK_M, G), dtype=tl.int32)
+    r0, r1, r2, r3 = tl.philox(seed, (group0 + tl.arange(0, G))[None, :] + zero, rows[:, None] + zero, zero, zero,
+                               N_ROUNDS)
+    lane = tl.arange(0, 8)[None, None, :]
+    word = tl.where(lane < 2, r0[:, :, None], tl.where(lane < 4, r1[:, :, None],
+                    tl.where(lane < 6, r2[:, :, None], r3[:, :, None])))
+    bits = (word >> ((lane & 1) * 16).to(tl.uint32)) & 0xFFFF
+    return tl.reshape((bits.to(tl.float32) + 0.5) * (1.0 / 65536.0), (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
 def _unload_kernel(
     w_ptr, a_ptr, b_ptr, stats_ptr,
     M, N, R: tl.constexpr,
@@ -53,7 +74,8 @@ def _unload_kernel(
     coef, seed, row_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SMALL_R: tl.constexpr,
     DOT_FP32: tl.constexpr, ROUND: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
-    MAX_FINITE: tl.constexpr, WRITE: tl.constexpr,
+    MAX_FINITE: tl.constexpr, WRITE: tl.constexpr, STATS: tl.constexpr = True, N_ROUNDS: tl.constexpr = 10,
+    DELTA: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -65,7 +87,13 @@ def _unload_kernel(
     mask_m = rm < M
     mask_n = rn < N
 
-    if SMALL_R:
+    mask = mask_m[:, None] & mask_n[None, :]
+    w_ptrs = w_ptr + rm[:, None] * stride_wm + rn[None, :] * stride_wn
+    w = tl.load(w_ptrs, mask=mask, other=0.0)  # issued first: its latency hides behind the delta's math
+
+    if not DELTA:  # ablation: the pass over W without the low-rank product
+        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif SMALL_R:
         # r < 16: a dot would pad r up to 16; unrolled rank-1 updates do only the work needed (R is a
         # constexpr so each rank compiles once; ranks are few)
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -86,37 +114,48 @@ def _unload_kernel(
             # 16-bit factors: products are exact in the fp32 accumulator
             delta = tl.dot(b, a, out_dtype=tl.float32)
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    w_ptrs = w_ptr + rm[:, None] * stride_wm + rn[None, :] * stride_wn
-    w = tl.load(w_ptrs, mask=mask, other=0.0)
     v = w.to(tl.float32) + coef * delta
     if ROUND == 2:
-        # the stream is indexed by the element's logical position: the same seed gives the same W
-        # whatever the tiling or memory layout, and a row shard (row_offset) draws what the full W would
-        u = tl.rand(seed, (rm + row_offset)[:, None] * N + rn[None, :])
+        u = sr_uniform(seed, rm + row_offset, pid_n * (BLOCK_N // 8), BLOCK_M, BLOCK_N, N_ROUNDS)
         v = round_to_grid(v, u, MANT, EMIN, True)
     elif ROUND == 1:
         v = round_to_grid(v, v, MANT, EMIN, False)
 
-    mag = tl.abs(v)
-    mag = tl.where(mag <= MAX_FINITE, mag, float("inf"))  # NaN fails the test too
-    mag = tl.where(mask, mag, 0.0)
-    tl.atomic_max(stats_ptr, tl.max(tl.max(mag, axis=1), axis=0))
+    if STATS:
+        mag = tl.abs(v)
+        mag = tl.where(mag <= MAX_FINITE, mag, float("inf"))  # NaN fails the test too
+        mag = tl.where(mask, mag, 0.0)
+        tl.atomic_max(stats_ptr, tl.max(tl.max(mag, axis=1), axis=0))
     if WRITE:
         tl.store(w_ptrs, v.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(M: int, N: int) -> tuple[int, int, int]:
-    """Tile shape and warps. Fixed rather than autotuned: autotuning an in-place kernel would need a
-    W-sized backup for its trial runs, and a memory-bound tile only has to be big enough to keep
-    16-byte accesses in flight."""
+def _blocks(R: int, w_bytes: int) -> tuple[int, int, int]:
+    """Tile shape and warps for rank R and a W of w_bytes per element. Fixed rather than autotuned:
+    autotuning an in-place kernel would need a W-sized backup for its trial runs.
+
+    A streaming kernel needs many warps in flight per SM, so the tile is spread over many threads.
+    Compiled for sm_90 (benchmarks/kernel_resources.py, numbers in benchmarks/NOTES.md), 64x256 with 8
+    warps took 254 registers per thread with stochastic rounding: one block, 8 warps, per SM. Over 32 warps
+    (16 elements per thread) a 16-bit W takes at most 64 registers, 32 warps per SM. Above r = 16 the dot's
+    operands need more registers (fp32 factors at r = 64 spilled), and an fp32 W spills at 16 elements per
+    thread: both get 8 elements per thread, in blocks small enough to keep 128 registers available.
+    """
     if interpreting():
         return 64, 128, 4  # the interpreter's cost is per program: few large tiles
-    return 64, 256, 8
+    if w_bytes == 4:
+        return 32, 64, 8
+    return (64, 256, 32) if R <= 16 else (32, 128, 16)
+
+
+# ablation knobs for ``plora bench unload --sweep`` (each answers one question about where the time goes);
+# production calls leave them at their defaults
+TUNING_KEYS = ("block_m", "block_n", "num_warps", "small_r", "stats", "n_rounds", "delta")
 
 
 def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coef: float,
-           rounding: str, seed: int, *, write: bool, row_offset: int = 0) -> torch.Tensor:
+           rounding: str, seed: int, *, write: bool, row_offset: int = 0,
+           tuning: dict | None = None) -> torch.Tensor:
     """W <- round(W + coef B A) in place (or a dry run when ``write`` is False).
 
     ``row_offset``: W is rows [row_offset, row_offset + M) of a larger logical weight (a sharded unload);
@@ -124,6 +163,11 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coe
 
     Returns a 1-element fp32 tensor: max |new W|, or +inf if any new value is not finite in W's dtype.
     Checks are the caller's job (see ops.unload).
+
+    ``tuning`` (benchmarks only) overrides any of :data:`TUNING_KEYS`: the tile (block_m, block_n,
+    num_warps), the rank-1-update path instead of the dot (small_r), the max|W| report (stats; off breaks
+    the overflow bookkeeping), Philox's rounds (n_rounds; other than 10 changes the random stream) and the
+    low-rank product itself (delta; off leaves only the pass over W and the rounding).
     """
     M, N = weight.shape
     R = lora_A.shape[0]
@@ -138,15 +182,23 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coe
     if torch.float64 in factor_dtypes:
         raise TypeError("the Triton unload kernel takes fp16/bf16/fp32 factors, got float64")
     stats = torch.zeros(1, dtype=torch.float32, device=weight.device)
-    block_m, block_n, warps = _blocks(M, N)
+    block_m, block_n, warps = _blocks(R, weight.element_size())
+    knobs = dict(block_m=block_m, block_n=block_n, num_warps=warps, small_r=R < 16, stats=True, n_rounds=10,
+                 delta=True)
+    unknown = set(tuning or ()) - set(TUNING_KEYS)
+    if unknown:
+        raise ValueError(f"tuning keys must be among {TUNING_KEYS}, got {sorted(unknown)}")
+    knobs.update(tuning or {})
+    block_m, block_n, warps = knobs["block_m"], knobs["block_n"], knobs["num_warps"]
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _unload_kernel[grid](
         weight, lora_A, lora_B, stats, M, N, R,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1),
         coef, seed, row_offset,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)), SMALL_R=R < 16,
-        DOT_FP32=dot_fp32, ROUND=mode, MANT=mant, EMIN=emin, MAX_FINITE=max_finite, WRITE=write,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        SMALL_R=bool(knobs["small_r"]), DOT_FP32=dot_fp32, ROUND=mode, MANT=mant, EMIN=emin, MAX_FINITE=max_finite,
+        WRITE=write, STATS=bool(knobs["stats"]), N_ROUNDS=int(knobs["n_rounds"]), DELTA=bool(knobs["delta"]),
         num_warps=warps,
     )
     return stats

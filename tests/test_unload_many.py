@@ -1,0 +1,109 @@
+"""unload_many_ (and unload_all_ / PeriodicUnloader on top of it): the same result as per-layer unload_ calls,
+one host read for any number of layers on the kernel path, and no layer changed by an error there."""
+import pytest
+import torch
+
+from conftest import DEVICE, _triton_runnable
+from plora_kernels import unload_
+from plora_kernels.ops.unload import UnloadSpec, unload_many_
+
+# (out, in, r, W dtype, factor dtype, momentum, rounding): odd shapes, every dtype, both roundings, an empty W
+LAYERS = [
+    (77, 129, 3, torch.bfloat16, torch.float32, 0.0, "stochastic"),
+    (64, 48, 16, torch.float16, torch.float16, 0.3, "nearest"),
+    (33, 65, 1, torch.float32, torch.float32, 0.0, "nearest"),
+    (0, 40, 2, torch.bfloat16, torch.float32, 0.0, "stochastic"),
+    (50, 31, 8, torch.float16, torch.float32, 0.1, "stochastic"),
+]
+
+
+def _layers(layers=LAYERS):
+    out = []
+    for n_out, n_in, r, w_dtype, f_dtype, m, rounding in layers:
+        W = torch.randn(n_out, n_in, device=DEVICE).to(w_dtype)
+        A = (torch.randn(r, n_in, device=DEVICE) * 0.3).to(f_dtype)
+        B = (torch.randn(n_out, r, device=DEVICE) * 0.3).to(f_dtype)
+        out.append((W, A, B, 2.0 / r, m, rounding))
+    return out
+
+
+def _gens(n, base=0):
+    return [torch.Generator(DEVICE).manual_seed(base + i) for i in range(n)]
+
+
+def _bits(t):
+    return t.contiguous().view(torch.uint8).clone()
+
+
+def _specs(layers, gens):
+    return [UnloadSpec(W, A, B, s, m, rnd, g, label=f"layer{i}") for i, ((W, A, B, s, m, rnd), g)
+            in enumerate(zip(layers, gens))]
+
+
+def test_matches_per_layer_unloads_bit_for_bit(backend):
+    layers = _layers()
+    twins = [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in layer) for layer in layers]
+    for _ in range(2):  # the second round uses max|W| cached by the first
+        unload_many_(_specs(layers, _gens(len(layers))))
+        for (W, A, B, s, m, rnd), g in zip(twins, _gens(len(twins))):
+            unload_(W, A, B, s, momentum=m, rounding=rnd, generator=g)
+        for got, want in zip(layers, twins):
+            for x, y in zip(got[:3], want[:3]):
+                assert torch.equal(_bits(x), _bits(y))
+
+
+def _count_host_reads(monkeypatch):
+    """Counts every way a tensor's value can reach Python (each is a device sync on a GPU)."""
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            reads["n"] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("n_layers", [2, 7])
+def test_kernel_path_reads_the_host_a_fixed_number_of_times(monkeypatch, n_layers):
+    """The steady-state checks of any number of layers come to the host together: one read per dtype of the
+    values read (the factors' maxima, the cached max|W|), never one per layer."""
+    if not _triton_runnable():
+        pytest.skip("Triton is not runnable here")
+    monkeypatch.setenv("PLORA_BACKEND", "triton")
+    layers = _layers([(48, 40, 4, torch.bfloat16, torch.float32, 0.2, "nearest")] * n_layers)
+    unload_many_(_specs(layers, [None] * n_layers))  # first unload: reads max|W| once
+    reads = _count_host_reads(monkeypatch)
+    unload_many_(_specs(layers, [None] * n_layers))
+    assert reads["n"] == 2
+
+
+@pytest.mark.parametrize("what", ["overflow", "nan_B"])
+def test_an_error_in_one_layer_changes_no_layer(monkeypatch, what):
+    if not _triton_runnable():
+        pytest.skip("Triton is not runnable here")
+    monkeypatch.setenv("PLORA_BACKEND", "triton")
+    layers = _layers([(40, 70, 4, torch.float16, torch.float32, 0.0, "stochastic")] * 4)
+    W, A, B = layers[2][:3]
+    if what == "overflow":
+        W[7, 9] = 65000.0
+        B[7].fill_(30.0)
+        A[:, 9].fill_(30.0)
+    else:
+        B[3, 1] = float("nan")
+    saved = [[_bits(t) for t in layer[:3]] for layer in layers]
+    with pytest.raises(ValueError, match=r"unload_ \(layer2\).*left unchanged"):
+        unload_many_(_specs(layers, _gens(4)))
+    for layer, before in zip(layers, saved):
+        for t, b in zip(layer[:3], before):
+            assert torch.equal(_bits(t), b)
+
+
+def test_bad_spec_is_named():
+    W, A, B = torch.randn(8, 12), torch.randn(3, 12), torch.randn(8, 3)
+    with pytest.raises(TypeError, match=r"specs\[1\] must be an UnloadSpec"):
+        unload_many_([UnloadSpec(W, A, B, 1.0), (W, A, B, 1.0)])
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        unload_many_([UnloadSpec(W, A, B, 1.0, momentum=1.5)])
