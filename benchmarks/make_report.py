@@ -2,10 +2,11 @@
 
     python benchmarks/make_report.py [--results benchmarks/results] [--output BENCHMARKS.md]
 
-Every number in BENCHMARKS.md comes from a JSON record written by ``plora bench linear|unload`` (device,
-versions, shapes and raw medians are in the record); nothing is typed in by hand. GPU runs are listed
-first, newest first; records made without a GPU go in a separate section, labelled as CPU smoke timings of
-the pure-torch reference path.
+Every number in BENCHMARKS.md comes from a JSON record written by ``plora bench linear|unload|train`` or
+``benchmarks/kernel_resources.py`` (device, versions, shapes and raw medians are in the record); nothing is
+typed in by hand. GPU runs are listed first, newest first; records made without a GPU go in a separate
+section, labelled as CPU smoke timings of the pure-torch reference path; the latest static compile record
+(registers and instructions, no timing) has a section of its own.
 """
 from __future__ import annotations
 
@@ -334,8 +335,9 @@ def main(argv=None) -> int:
     text = render(records, problems, output.parent)
     output.write_text(text)
     n_gpu = sum(_is_gpu(r) for r in records)
-    print(f"wrote {output}: {n_gpu} GPU record(s), {len(records) - n_gpu} CPU record(s), "
-          f"{len(problems)} file(s) skipped")
+    n_static = sum(r.get("benchmark") == "kernels" for r in records)
+    print(f"wrote {output}: {n_gpu} GPU record(s), {len(records) - n_gpu - n_static} CPU record(s), "
+          f"{n_static} static compile record(s), {len(problems)} file(s) skipped")
     return 0
 
 
