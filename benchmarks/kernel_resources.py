@@ -23,6 +23,7 @@ from plora_kernels.bench import common  # noqa: E402
 from plora_kernels.bench.unload import SWEEP  # noqa: E402
 from plora_kernels.ops.triton import aot  # noqa: E402
 from plora_kernels.ops.triton.lora_matmul import _configs  # noqa: E402
+from plora_kernels.ops.triton.lora_matmul_tma import _configs as tma_configs  # noqa: E402
 from plora_kernels.ops.triton.unload import _blocks  # noqa: E402
 
 COLUMNS = [("kernel", "kernel", ""), ("variant", "variant", ""), ("registers", "regs", "d"),
@@ -82,6 +83,13 @@ def main(argv=None) -> int:
         for lora in (True, False):
             label = f"{m}x{n}x{k} s{cfg.num_stages} w{cfg.num_warps} bf16 " + ("+LoRA" if lora else "base")
             add("lora_matmul", label, lambda lora=lora, cfg=cfg, m=m, n=n, k=k: aot.compile_lora_matmul(
+                lora=lora, block_m=m, block_n=n, block_k=k, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
+                arch=args.arch), cfg.num_warps)
+    for cfg in tma_configs():
+        m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        for lora in (True, False):
+            label = f"{m}x{n}x{k} s{cfg.num_stages} w{cfg.num_warps} bf16 " + ("+LoRA" if lora else "base")
+            add("lora_matmul_tma", label, lambda lora=lora, cfg=cfg, m=m, n=n, k=k: aot.compile_lora_matmul_tma(
                 lora=lora, block_m=m, block_n=n, block_k=k, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
                 arch=args.arch), cfg.num_warps)
     print()

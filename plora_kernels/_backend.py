@@ -51,13 +51,14 @@ def use_triton(t: torch.Tensor) -> bool:
     return True
 
 
-LINEAR_KERNELS = ("triton", "torch")
+LINEAR_KERNELS = ("triton", "triton-tma", "torch")
 UNLOAD_KERNELS = ("triton", "cuda")
 
 
 def requested_linear_kernel() -> str:
-    """``PLORA_LINEAR_KERNEL=triton|torch``: torch keeps only lora_linear on the cuBLAS composition (measured
-    faster on an H200 until the fused kernel is tuned: benchmarks/NOTES.md) while unload_ keeps its kernel."""
+    """``PLORA_LINEAR_KERNEL=triton|triton-tma|torch``: torch keeps only lora_linear on the cuBLAS composition
+    (measured faster on an H200 until the fused kernel is tuned: benchmarks/NOTES.md) while unload_ keeps its
+    kernel; triton-tma runs the big GEMMs on the TMA/persistent kernel (not yet timed)."""
     name = os.environ.get("PLORA_LINEAR_KERNEL", "triton").strip().lower() or "triton"
     if name not in LINEAR_KERNELS:
         raise ValueError(f"PLORA_LINEAR_KERNEL must be one of {LINEAR_KERNELS}, got {name!r}")
@@ -66,7 +67,7 @@ def requested_linear_kernel() -> str:
 
 def use_triton_linear(t: torch.Tensor) -> bool:
     """Whether lora_linear on ``t`` runs the Triton kernels: :func:`use_triton` and :func:`requested_linear_kernel`."""
-    return use_triton(t) and requested_linear_kernel() == "triton"
+    return use_triton(t) and requested_linear_kernel() != "torch"
 
 
 def requested_unload_kernel() -> str:

@@ -1,4 +1,5 @@
-"""The Triton kernels compile for Hopper (sm_90) and Ampere (sm_80) on a machine without a GPU, and the
+"""The Triton kernels compile for Hopper (sm_90) and Ampere (sm_80) on a machine without a GPU (the TMA GEMM
+for Hopper only, where it must issue TMA loads and wgmma), and the
 unload kernel's production tiles keep at least 32 warps per SM on Hopper without spilling (registers read
 from the cubin).
 
@@ -43,6 +44,12 @@ SCRIPT = textwrap.dedent(r'''
                                              block_n=128, block_k=64, num_stages=3, num_warps=8, arch=arch)
             assert kernel.asm.get("cubin"), "no cubin produced"
             n += 1
+        if arch == 90:  # TMA is Hopper's: both orientations of B, with and without the low-rank seed
+            for lora, b_nk in ((True, True), (False, False)):
+                kernel = aot.compile_lora_matmul_tma(lora=lora, b_nk=b_nk, arch=arch)
+                got = aot.resources(kernel, 8)
+                assert got.get("tma_loads", 1) > 0 and got.get("hgmma", 1) > 0, got
+                n += 1
     print("compiled", n)
 ''')
 
@@ -53,4 +60,4 @@ def test_kernels_compile_for_sm90_and_sm80(tmp_path):
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "compiled 20" in proc.stdout
+    assert "compiled 22" in proc.stdout

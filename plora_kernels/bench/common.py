@@ -218,7 +218,8 @@ def environment(device: torch.device) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "env": {k: os.environ.get(k) for k in ("PLORA_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+        "env": {k: os.environ.get(k) for k in ("PLORA_BACKEND", "PLORA_LINEAR_KERNEL", "PLORA_UNLOAD_KERNEL",
+                                               "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
                 if os.environ.get(k) is not None},
     }
     if device.type == "cuda":

@@ -144,6 +144,8 @@ PIECES = {
     "piece: triton x@W.T + s*xa@B.T": "the fused GEMM given xa (the forward minus its xa launch)",
     "piece: triton xa=x@A.T": "the forward's first launch, N = r",
     "piece: cuBLAS xa=x@A.T": "the same product by cuBLAS",
+    "piece: triton-tma x@W.T": "the TMA/persistent GEMM alone (PLORA_LINEAR_KERNEL=triton-tma)",
+    "piece: triton-tma x@W.T + s*xa@B.T": "the TMA/persistent fused GEMM given xa",
 }
 
 
@@ -158,11 +160,14 @@ def piece_fns(M, k_in, n_out, r, dtype, device, scaling=2.0) -> dict:
     lora_B = (torch.randn(n_out, r, device=device, generator=gen) * 0.02).to(dtype)
     xa = x @ lora_A.t()
     return {
-        "piece: triton x@W.T": lambda: lora_matmul(x, weight.t()),
+        "piece: triton x@W.T": lambda: lora_matmul(x, weight.t(), tma=False),
         "piece: triton x@W.T + s*xa@B.T": lambda: lora_matmul(x, weight.t(), lora_s=xa, lora_l=lora_B.t(),
-                                                              scaling=scaling),
-        "piece: triton xa=x@A.T": lambda: lora_matmul(x, lora_A.t()),
+                                                              scaling=scaling, tma=False),
+        "piece: triton xa=x@A.T": lambda: lora_matmul(x, lora_A.t(), tma=False),
         "piece: cuBLAS xa=x@A.T": lambda: x @ lora_A.t(),
+        "piece: triton-tma x@W.T": lambda: lora_matmul(x, weight.t(), tma=True),
+        "piece: triton-tma x@W.T + s*xa@B.T": lambda: lora_matmul(x, weight.t(), lora_s=xa, lora_l=lora_B.t(),
+                                                                  scaling=scaling, tma=True),
     }
 
 

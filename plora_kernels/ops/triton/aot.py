@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import lora_matmul, unload
+from . import lora_matmul, lora_matmul_tma, unload
 
 # W dtype -> (mantissa bits, lowest grid exponent, largest finite): as ops.triton.unload._FORMAT
 _UNLOAD_FORMAT = {"bf16": (7, -119, 3.3895313892515355e38), "fp16": (10, -14, 65504.0),
@@ -76,6 +76,24 @@ def compile_lora_matmul(*, x="bf16", adapters="fp32", lora=True, bias=False, blo
                     unit=("stride_ak", "stride_bk", "stride_cn", "stride_sr", "stride_lr"),
                     divisible=("a_ptr", "b_ptr", "c_ptr", "s_ptr", "l_ptr", "M", "N", "K", "stride_am",
                                "stride_bn", "stride_cm", "stride_sm", "stride_ln"),
+                    arch=arch, num_warps=num_warps, num_stages=num_stages)
+
+
+def compile_lora_matmul_tma(*, x="bf16", adapters="fp32", lora=True, bias=False, b_nk=True, block_m=128,
+                            block_n=256, block_k=64, num_stages=3, num_warps=8, num_programs=132, arch=90):
+    """The TMA/persistent fused GEMM as the forward calls it (b_nk: B = W^T read as W's tiles)."""
+    b_block = [block_n, block_k] if b_nk else [block_k, block_n]
+    types = dict(a_desc=f"tensordesc<{x}[{block_m}, {block_k}]>",
+                 b_desc=f"tensordesc<{x}[{b_block[0]}, {b_block[1]}]>",
+                 c_desc=f"tensordesc<{x}[{block_m}, {block_n}]>",
+                 s_ptr="*" + x, l_ptr="*" + adapters, bias_ptr="*" + x, M="i32", N="i32", K="i32", R="i32",
+                 M_BUCKET="i32", N_BUCKET="i32", K_BUCKET="i32", stride_sm="i32", stride_sr="i32",
+                 stride_lr="i32", stride_ln="i32", scaling="fp32")
+    ce = dict(HAS_LORA=lora, HAS_BIAS=bias, UPCAST=False,
+              PRECISION="ieee" if x == "fp32" else "tf32", B_NK=b_nk, NUM_PROGRAMS=num_programs, BLOCK_R=16,
+              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
+    return _compile(lora_matmul_tma._lora_matmul_tma_kernel.fn, types, ce, unit=("stride_sr", "stride_lr"),
+                    divisible=("s_ptr", "l_ptr", "M", "N", "K", "stride_sm", "stride_ln"),
                     arch=arch, num_warps=num_warps, num_stages=num_stages)
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._backend import interpreting
+from ..._backend import interpreting, requested_linear_kernel
 
 
 def _configs():
@@ -102,12 +102,14 @@ def _bucket(n: int) -> int:
 
 def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None = None,
                 lora_l: torch.Tensor | None = None, scaling: float = 1.0,
-                bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                tma: bool | None = None) -> torch.Tensor:
     """Return ``a @ b + scaling * lora_s @ lora_l + bias`` in a's dtype with fp32 accumulation.
 
     a: (M, K); b: (K, N) any strides; lora_s: (M, R) and lora_l: (R, N), any float dtype (cast to a's);
     bias: (N,); out: optional (M, N) destination, any strides. Shapes are the caller's contract (checked
-    at the public API).
+    at the public API). ``tma``: run the TMA kernel (lora_matmul_tma.py) where it can take the shapes; None
+    follows ``PLORA_LINEAR_KERNEL=triton-tma``.
     """
     M, K = a.shape
     N = b.shape[1]
@@ -119,18 +121,26 @@ def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None
     s = lora_s if has_lora else a  # placeholders: never read when the flags are off
     l = lora_l if has_lora else b
     precision = "ieee" if a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    buckets = (_bucket(M), _bucket(N), _bucket(K))
+    if tma or (tma is None and requested_linear_kernel() == "triton-tma"):
+        from . import lora_matmul_tma
+
+        if lora_matmul_tma.supported(a, b, out):
+            return lora_matmul_tma.lora_matmul_tma(a, b, c, lora_s, lora_l, scaling, bias, precision, block_r,
+                                                   buckets)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _lora_matmul_kernel[grid](
         a, b, c, s, l, bias if bias is not None else a,
-        M, N, K, R, _bucket(M), _bucket(N), _bucket(K),
+        M, N, K, R, *buckets,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         s.stride(0), s.stride(1), l.stride(0), l.stride(1),
         scaling,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None,
         UPCAST=interpreting() and a.dtype == torch.bfloat16, PRECISION=precision,
-        BLOCK_R=min(64, max(16, triton.next_power_of_2(R))),
+        BLOCK_R=block_r,
     )
     return c

@@ -1,0 +1,152 @@
+"""Triton kernel: the fused LoRA GEMM of lora_matmul.py on Hopper's tensor memory accelerator (TMA).
+
+C = A @ B + scaling * S @ L (+ bias), as the portable kernel computes it, with three changes aimed at the gap
+to cuBLAS measured on an H200 (benchmarks/NOTES.md):
+  * A, B and C move through TMA descriptors: the hardware does the address arithmetic and the bounds, so the
+    K loop has no masks and the loads are bulk copies, not per-thread cp.async;
+  * the grid is persistent: one program per SM walks the tiles in grouped order, so a tile's epilogue
+    overlaps the next tile's loads;
+  * W stays in its (out, in) layout: the forward's B = W^T is read as W's tiles and transposed in the dot.
+The low-rank seed and the bias are small and use plain masked loads, as in the portable kernel.
+
+Opt-in (``PLORA_LINEAR_KERNEL=triton-tma``) until a GPU run shows it faster. Descriptors need 16-byte aligned
+row strides, so other shapes fall back to the portable kernel.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ..._backend import interpreting
+
+_ELEMENT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+
+
+def _set_block_shapes(nargs):
+    """Autotune pre-hook: each config's tile shapes go into the descriptors before it runs."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_NK"] else [bk, bn]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4,
+                              pre_hook=_set_block_shapes)]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); 128x256x64 with 3 stages and its C tile take 208 KiB of the
+    # 227 KiB of shared memory (benchmarks/kernel_resources.py), so 4 stages only fit smaller tiles
+    shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
+              (128, 64, 64, 4, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w,
+                          pre_hook=_set_block_shapes) for m, n, k, s, w in shapes]
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA", "B_NK"])
+@triton.jit
+def _lora_matmul_tma_kernel(
+    a_desc, b_desc, c_desc, s_ptr, l_ptr, bias_ptr,
+    M, N, K, R, M_BUCKET, N_BUCKET, K_BUCKET,
+    stride_sm, stride_sr, stride_lr, stride_ln,
+    scaling,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    B_NK: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    width = GROUP_M * grid_n
+    dtype = c_desc.dtype
+    if UPCAST:
+        dtype = tl.float32  # the interpreter multiplies bf16 bit patterns; fp32 is right there
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_PROGRAMS, flatten=True):
+        # grouped ordering: GROUP_M row panels share each column panel of B while it is in L2
+        group_id = tile // width
+        first_m = group_id * GROUP_M
+        group_size = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % width) % group_size
+        pid_n = (tile % width) // group_size
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_LORA:  # the low-rank term seeds the accumulator (r padded to BLOCK_R >= 16, the smallest dot)
+            rm = off_m + tl.arange(0, BLOCK_M)
+            rn = off_n + tl.arange(0, BLOCK_N)
+            rr = tl.arange(0, BLOCK_R)
+            for r0 in range(0, R, BLOCK_R):
+                s = tl.load(s_ptr + rm[:, None] * stride_sm + (r0 + rr)[None, :] * stride_sr,
+                            mask=(rm < M)[:, None] & ((r0 + rr) < R)[None, :], other=0.0)
+                l = tl.load(l_ptr + (r0 + rr)[:, None] * stride_lr + rn[None, :] * stride_ln,
+                            mask=((r0 + rr) < R)[:, None] & (rn < N)[None, :], other=0.0)
+                acc += tl.dot(s.to(dtype), l.to(dtype), input_precision=PRECISION)
+            acc = acc * scaling
+
+        for ki in range(k_tiles):  # no masks: TMA zero-fills reads past the edges
+            a = a_desc.load([off_m, ki * BLOCK_K]).to(dtype)
+            if B_NK:
+                b = b_desc.load([off_n, ki * BLOCK_K]).to(dtype)
+                acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
+            else:
+                b = b_desc.load([ki * BLOCK_K, off_n]).to(dtype)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+        if HAS_BIAS:
+            rn = off_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))  # TMA clips the store at the edges
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A 2-D row-major tensor a descriptor can address: unit last stride, 16-byte aligned rows and base."""
+    size = _ELEMENT.get(t.dtype)
+    return (size is not None and t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def supported(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> bool:
+    """Whether ``a @ b`` can take the TMA kernel: a row-major; b row-major or the transpose of a row-major
+    tensor (W^T); out (if given) row-major; all with 16-byte aligned rows; a matrix big enough for it."""
+    b_ok = _tma_ready(b) or _tma_ready(b.t())
+    return (_tma_ready(a) and b_ok and (out is None or _tma_ready(out)) and a.dtype == b.dtype
+            and a.shape[0] > 0 and b.shape[1] >= 64 and a.shape[1] >= 64)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def lora_matmul_tma(a, b, c, lora_s, lora_l, scaling, bias, precision, block_r, buckets):
+    """Launch for :func:`lora_matmul.lora_matmul` (which checked :func:`supported` and made ``c``)."""
+    M, K = a.shape
+    N = b.shape[1]
+    b_nk = not _tma_ready(b)  # then b is W^T: describe W (N, K) and transpose its tiles in the dot
+    dummy = [1, 1]  # block shapes: set per config by the autotune pre-hook
+    a_desc = TensorDescriptor.from_tensor(a, dummy)
+    b_desc = TensorDescriptor.from_tensor(b.t() if b_nk else b, dummy)
+    c_desc = TensorDescriptor.from_tensor(c, dummy)
+    has_lora = lora_s is not None
+    s = lora_s if has_lora else a
+    l = lora_l if has_lora else a
+    programs = 4 if interpreting() else _num_sms(a.device.index if a.device.index is not None
+                                                 else torch.cuda.current_device())
+
+    def grid(meta):
+        return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    _lora_matmul_tma_kernel[grid](
+        a_desc, b_desc, c_desc, s, l, bias if bias is not None else a,
+        M, N, K, lora_s.shape[1] if has_lora else 0, *buckets,
+        s.stride(0), s.stride(1), l.stride(0), l.stride(1),
+        scaling,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+        UPCAST=interpreting() and a.dtype == torch.bfloat16, PRECISION=precision,
+        B_NK=b_nk, NUM_PROGRAMS=programs, BLOCK_R=block_r,
+    )
+    return c
