@@ -33,6 +33,36 @@ def _configs():
             for m, n, k, s, w in shapes]
 
 
+@triton.jit
+def grouped_tile(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of tile number ``tile`` in grouped order: GROUP_M row panels share each column panel of
+    B while it is in L2."""
+    width = GROUP_M * grid_n
+    first_m = (tile // width) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (tile % width) % group_size, (tile % width) // group_size
+
+
+@triton.jit
+def low_rank_seed(s_ptr, l_ptr, rm, rn, M, N, R, stride_sm, stride_sr, stride_lr, stride_ln, scaling,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """scaling * S[rm] @ L[:, rn] in fp32: the accumulator's starting value. The factors (possibly fp32
+    adapters) are cast to S's dtype, as the reference does; r is padded to BLOCK_R >= 16, the smallest dot."""
+    dtype = s_ptr.dtype.element_ty
+    if UPCAST:
+        dtype = tl.float32  # the interpreter multiplies bf16 bit patterns; fp32 is right there
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        s = tl.load(s_ptr + rm[:, None] * stride_sm + (r0 + rr)[None, :] * stride_sr,
+                    mask=(rm < M)[:, None] & ((r0 + rr) < R)[None, :], other=0.0)
+        l = tl.load(l_ptr + (r0 + rr)[:, None] * stride_lr + rn[None, :] * stride_ln,
+                    mask=((r0 + rr) < R)[:, None] & (rn < N)[None, :], other=0.0)
+        acc += tl.dot(s.to(dtype), l.to(dtype), input_precision=PRECISION)
+    return acc * scaling
+
+
 # keyed on power-of-two buckets, not exact sizes: training with variable sequence lengths changes M every
 # step, and an exact key would re-run the whole tuning sweep for each new M (any config is correct for any
 # size; the buckets only choose which one is fast)
@@ -48,16 +78,7 @@ def _lora_matmul_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row panels share each column panel of B while it is in L2
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,18 +88,11 @@ def _lora_matmul_kernel(
     if UPCAST:
         dtype = tl.float32  # the interpreter multiplies bf16 bit patterns; fp32 is right there
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_LORA:
-        # low-rank term first; the factors (possibly fp32 adapters) are cast to the input's dtype, as
-        # the reference does. r is padded to BLOCK_R >= 16, the smallest dot.
-        rr = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
-            s = tl.load(s_ptr + rm[:, None] * stride_sm + (r0 + rr)[None, :] * stride_sr,
-                        mask=mask_m[:, None] & ((r0 + rr) < R)[None, :], other=0.0)
-            l = tl.load(l_ptr + (r0 + rr)[:, None] * stride_lr + rn[None, :] * stride_ln,
-                        mask=((r0 + rr) < R)[:, None] & mask_n[None, :], other=0.0)
-            acc += tl.dot(s.to(dtype), l.to(dtype), input_precision=PRECISION)
-        acc = acc * scaling
+    if HAS_LORA:  # the low-rank term seeds the accumulator
+        acc = low_rank_seed(s_ptr, l_ptr, rm, rn, M, N, R, stride_sm, stride_sr, stride_lr, stride_ln, scaling,
+                            UPCAST, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak

@@ -22,6 +22,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import interpreting
+from .lora_matmul import grouped_tile, low_rank_seed
 
 _ELEMENT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
@@ -60,32 +61,19 @@ def _lora_matmul_tma_kernel(
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    width = GROUP_M * grid_n
     dtype = c_desc.dtype
     if UPCAST:
         dtype = tl.float32  # the interpreter multiplies bf16 bit patterns; fp32 is right there
     for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_PROGRAMS, flatten=True):
-        # grouped ordering: GROUP_M row panels share each column panel of B while it is in L2
-        group_id = tile // width
-        first_m = group_id * GROUP_M
-        group_size = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % width) % group_size
-        pid_n = (tile % width) // group_size
+        pid_m, pid_n = grouped_tile(tile, grid_m, grid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_LORA:  # the low-rank term seeds the accumulator (r padded to BLOCK_R >= 16, the smallest dot)
-            rm = off_m + tl.arange(0, BLOCK_M)
-            rn = off_n + tl.arange(0, BLOCK_N)
-            rr = tl.arange(0, BLOCK_R)
-            for r0 in range(0, R, BLOCK_R):
-                s = tl.load(s_ptr + rm[:, None] * stride_sm + (r0 + rr)[None, :] * stride_sr,
-                            mask=(rm < M)[:, None] & ((r0 + rr) < R)[None, :], other=0.0)
-                l = tl.load(l_ptr + (r0 + rr)[:, None] * stride_lr + rn[None, :] * stride_ln,
-                            mask=((r0 + rr) < R)[:, None] & (rn < N)[None, :], other=0.0)
-                acc += tl.dot(s.to(dtype), l.to(dtype), input_precision=PRECISION)
-            acc = acc * scaling
+        if HAS_LORA:  # the low-rank term seeds the accumulator
+            acc = low_rank_seed(s_ptr, l_ptr, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N,
+                                R, stride_sm, stride_sr, stride_lr, stride_ln, scaling, UPCAST, PRECISION,
+                                BLOCK_R, BLOCK_M, BLOCK_N)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
         for ki in range(k_tiles):  # no masks: TMA zero-fills reads past the edges
             a = a_desc.load([off_m, ki * BLOCK_K]).to(dtype)
