@@ -107,3 +107,22 @@ def test_bad_spec_is_named():
         unload_many_([UnloadSpec(W, A, B, 1.0), (W, A, B, 1.0)])
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         unload_many_([UnloadSpec(W, A, B, 1.0, momentum=1.5)])
+
+
+def test_layers_sharing_one_weight_merge_in_turn(backend):
+    """Tied weights: the second layer's merge applies to (and is checked against) the first one's result."""
+    W = torch.randn(40, 64, device=DEVICE).to(torch.float16)
+    factors = [((torch.randn(4, 64, device=DEVICE) * 0.2), (torch.randn(40, 4, device=DEVICE) * 0.2))
+               for _ in range(2)]
+    twin = W.clone()
+    unload_many_([UnloadSpec(W, A.clone(), B.clone(), 0.5, 0.2) for A, B in factors])
+    for A, B in factors:
+        unload_(twin, A.clone(), B.clone(), 0.5, momentum=0.2)
+    assert torch.equal(_bits(W), _bits(twin))
+    # 60000 + 3000 fits fp16 and + 3000 again does not: only the second merge overflows, and it is caught
+    W.fill_(60000.0)
+    ones_A, ones_B = torch.ones(1, 64, device=DEVICE), torch.full((40, 1), 3000.0, device=DEVICE)
+    with pytest.raises(ValueError, match="left unchanged"):
+        unload_many_([UnloadSpec(W, ones_A.clone(), ones_B.clone(), 1.0), UnloadSpec(W, ones_A.clone(),
+                                                                                    ones_B.clone(), 1.0)])
+    assert torch.isfinite(W).all()

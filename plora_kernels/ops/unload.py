@@ -192,12 +192,26 @@ def _unload_reference(spec: UnloadSpec) -> None:
     spec.weight.copy_(new)
 
 
+def _distinct_weight_runs(specs: list[UnloadSpec]) -> list[list[UnloadSpec]]:
+    """The specs in order, cut where a weight repeats: a layer whose weight an earlier one in its run merges
+    into (tied weights) must be checked against that merge's result, so it starts the next run."""
+    runs, seen = [[]], set()
+    for spec in specs:
+        if spec.weight.data_ptr() in seen and spec.weight.numel():
+            runs.append([])
+            seen = set()
+        runs[-1].append(spec)
+        seen.add(spec.weight.data_ptr())
+    return [run for run in runs if run]
+
+
 def unload_many_(specs: Sequence[UnloadSpec]) -> None:
     """:func:`unload_` for many layers at once: the same result per layer, at a fraction of the overhead.
 
     Each ``UnloadSpec`` holds one layer's ``unload_`` arguments (and a ``label`` that error messages name).
     The layers on the kernel path share their checks and one host sync, and every check runs before the first
-    write: an error changes no layer. On the torch reference path the layers are unloaded one by one, and an
+    write: an error changes no layer (layers that share one weight are merged one after another, each checked
+    against the result of the one before). On the torch reference path the layers are unloaded one by one, and an
     error leaves the failing layer and those after it unchanged. FSDP2 layers (DTensors) are unloaded one by
     one with :func:`plora_kernels.distributed.unload_dtensor_`.
 
@@ -218,8 +232,9 @@ def unload_many_(specs: Sequence[UnloadSpec]) -> None:
             specs[i] = spec._replace(scaling=scaling, momentum=momentum)
     with torch.no_grad():
         kernel = [s for s in specs if not is_dtensor(s.weight) and use_triton(s.weight)]
-        _merge_with_kernel([_Merge(s.weight, s.lora_A, s.lora_B, (1.0 - s.momentum) * s.scaling, s.rounding,
-                                   s.generator, label=s.label) for s in kernel])
+        for wave in _distinct_weight_runs(kernel):
+            _merge_with_kernel([_Merge(s.weight, s.lora_A, s.lora_B, (1.0 - s.momentum) * s.scaling, s.rounding,
+                                       s.generator, label=s.label) for s in wave])
         reference.reset_factors_([s.lora_A for s in kernel], [s.lora_B for s in kernel],
                                  [s.momentum for s in kernel], [s.generator for s in kernel])
         for s in specs:
