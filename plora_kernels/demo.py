@@ -280,7 +280,7 @@ class _PeakMemory:
 # --------------------------------------------------------------------------------------------------- training
 def _train_one(method: str, student_state: dict, teacher: nn.Module, names: list[str], batches,
                eval_inputs, eval_targets, cfg: dict, dtype, device, progress: bool) -> dict:
-    from . import PeriodicUnloader, apply_plora, plora_layers, stage_cosine_schedule
+    from . import PeriodicUnloader, apply_plora, stage_cosine_schedule
 
     model = _build_model(cfg["seed"], dtype, device)
     model.load_state_dict(student_state)

@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
