@@ -2,6 +2,7 @@
 # One device-machine call: environment, the test suite compiled on the GPU, then benchmarks.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests] [quick|full] [train] [nccl]
 # quick: the target shapes, with the forward's parts (--pieces) and the unload ablations (--sweep)
+# The device tool allows 600 s per call: the stage limits add up to more, so run `quick nccl`, then `tests train`.
 # Logs and JSON go to $OUT (the device tool's return folder) or ./gpu_out.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
