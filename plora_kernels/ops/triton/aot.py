@@ -17,15 +17,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import lora_matmul, lora_matmul_tma, unload
 
-# W dtype -> (mantissa bits, lowest grid exponent, largest finite): as ops.triton.unload._FORMAT
-_UNLOAD_FORMAT = {"bf16": (7, -119, 3.3895313892515355e38), "fp16": (10, -14, 65504.0),
-                  "fp32": (23, -126, 3.4028234663852886e38)}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
 MAX_WARPS_PER_SM = 64
@@ -46,12 +45,13 @@ def _compile(fn, types: dict, constexprs: dict, unit: tuple, divisible: tuple, a
 def compile_unload(*, w="bf16", factors="bf16", r=16, rounding=2, block_m=64, block_n=256, num_warps=32,
                    small_r=None, stats=True, n_rounds=10, delta=True, arch=90):
     """The merge kernel for one variant; rounding 0/1/2 = none/nearest/stochastic (fp32 W takes 0)."""
-    mant, emin, max_finite = _UNLOAD_FORMAT[w]
+    mant, emin, max_finite = unload._FORMAT[_DTYPES[w]]
     strides = "stride_wm stride_wn stride_ar stride_an stride_bm stride_br".split()
     types = dict(w_ptr="*" + w, a_ptr="*" + factors, b_ptr="*" + factors, stats_ptr="*fp32", M="i32", N="i32",
                  coef="fp32", seed="i32", row_offset="i32", **{s: "i32" for s in strides})
     ce = dict(R=r, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(r)),
-              SMALL_R=r < 16 if small_r is None else small_r, DOT_FP32=factors == "fp32" or factors != w,
+              SMALL_R=r < 16 if small_r is None else small_r,
+              DOT_FP32=unload.dot_in_fp32(_DTYPES[factors], _DTYPES[factors]),
               ROUND=rounding, MANT=mant, EMIN=emin, MAX_FINITE=max_finite, WRITE=True, STATS=stats,
               N_ROUNDS=n_rounds, DELTA=delta)
     # a contiguous W (out, in), A (r, in) and B (out, r)

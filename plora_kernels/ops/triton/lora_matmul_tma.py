@@ -24,9 +24,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..._backend import interpreting
 from .lora_matmul import grouped_tile, low_rank_seed
 
-_ELEMENT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
-
-
 def _set_block_shapes(nargs):
     """Autotune pre-hook: each config's tile shapes go into the descriptors before it runs."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
@@ -92,9 +89,8 @@ def _lora_matmul_tma_kernel(
 
 def _tma_ready(t: torch.Tensor) -> bool:
     """A 2-D row-major tensor a descriptor can address: unit last stride, 16-byte aligned rows and base."""
-    size = _ELEMENT.get(t.dtype)
-    return (size is not None and t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0
-            and t.data_ptr() % 16 == 0)
+    return (t.dtype in (torch.float16, torch.bfloat16, torch.float32) and t.dim() == 2 and t.stride(1) == 1
+            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 def supported(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> bool:

@@ -130,6 +130,14 @@ def _unload_kernel(
         tl.store(w_ptrs, v.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+def dot_in_fp32(a_dtype: torch.dtype, b_dtype: torch.dtype) -> bool:
+    """Whether the dot path forms B A from fp32 operands: fp32 or mixed factors (full-precision products, not
+    tf32), and bf16 under the interpreter, whose bf16 dot is wrong. Factors of one 16-bit dtype use the
+    16-bit dot: their products are exact in the fp32 accumulator."""
+    dtypes = {a_dtype, b_dtype}
+    return len(dtypes) > 1 or torch.float32 in dtypes or (interpreting() and torch.bfloat16 in dtypes)
+
+
 def _blocks(R: int, w_bytes: int) -> tuple[int, int, int]:
     """Tile shape and warps for rank R and a W of w_bytes per element. Fixed rather than autotuned:
     autotuning an in-place kernel would need a W-sized backup for its trial runs.
@@ -177,8 +185,6 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coe
     else:
         mode = ROUND_STOCHASTIC if rounding == "stochastic" else ROUND_NEAREST
     factor_dtypes = {lora_A.dtype, lora_B.dtype}
-    dot_fp32 = len(factor_dtypes) > 1 or torch.float32 in factor_dtypes or (
-        interpreting() and torch.bfloat16 in factor_dtypes)  # the interpreter's bf16 dot is wrong
     if torch.float64 in factor_dtypes:
         raise TypeError("the Triton unload kernel takes fp16/bf16/fp32 factors, got float64")
     stats = torch.zeros(1, dtype=torch.float32, device=weight.device)
@@ -197,8 +203,8 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coe
         lora_B.stride(0), lora_B.stride(1),
         coef, seed, row_offset,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        SMALL_R=bool(knobs["small_r"]), DOT_FP32=dot_fp32, ROUND=mode, MANT=mant, EMIN=emin, MAX_FINITE=max_finite,
-        WRITE=write, STATS=bool(knobs["stats"]), N_ROUNDS=int(knobs["n_rounds"]), DELTA=bool(knobs["delta"]),
+        SMALL_R=bool(knobs["small_r"]), DOT_FP32=dot_in_fp32(lora_A.dtype, lora_B.dtype), ROUND=mode,
+        MANT=mant, EMIN=emin, MAX_FINITE=max_finite, WRITE=write, STATS=bool(knobs["stats"]), N_ROUNDS=int(knobs["n_rounds"]), DELTA=bool(knobs["delta"]),
         num_warps=warps,
     )
     return stats
