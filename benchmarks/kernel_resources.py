@@ -78,20 +78,16 @@ def main(argv=None) -> int:
 
     for label, kw in _unload_variants():
         add("unload", label, lambda kw=kw: aot.compile_unload(arch=args.arch, **kw), kw["num_warps"])
-    for cfg in _configs():
-        m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        for lora in (True, False):
-            label = f"{m}x{n}x{k} s{cfg.num_stages} w{cfg.num_warps} bf16 " + ("+LoRA" if lora else "base")
-            add("lora_matmul", label, lambda lora=lora, cfg=cfg, m=m, n=n, k=k: aot.compile_lora_matmul(
-                lora=lora, block_m=m, block_n=n, block_k=k, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
-                arch=args.arch), cfg.num_warps)
-    for cfg in tma_configs():
-        m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        for lora in (True, False):
-            label = f"{m}x{n}x{k} s{cfg.num_stages} w{cfg.num_warps} bf16 " + ("+LoRA" if lora else "base")
-            add("lora_matmul_tma", label, lambda lora=lora, cfg=cfg, m=m, n=n, k=k: aot.compile_lora_matmul_tma(
-                lora=lora, block_m=m, block_n=n, block_k=k, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
-                arch=args.arch), cfg.num_warps)
+    # each GEMM kernel over its own autotune configs, with and without the low-rank seed
+    for name, configs, compile_fn in (("lora_matmul", _configs(), aot.compile_lora_matmul),
+                                      ("lora_matmul_tma", tma_configs(), aot.compile_lora_matmul_tma)):
+        for cfg in configs:
+            m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+            for lora in (True, False):
+                label = f"{m}x{n}x{k} s{cfg.num_stages} w{cfg.num_warps} bf16 " + ("+LoRA" if lora else "base")
+                add(name, label, lambda fn=compile_fn, lora=lora, cfg=cfg, m=m, n=n, k=k: fn(
+                    lora=lora, block_m=m, block_n=n, block_k=k, num_stages=cfg.num_stages,
+                    num_warps=cfg.num_warps, arch=args.arch), cfg.num_warps)
     print()
     common.print_table(rows, COLUMNS)
     if args.no_save:

@@ -95,11 +95,8 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def build_case(M, k_in, n_out, r, dtype, device, scaling=2.0):
-    """Random tensors for one shape and every contender as a zero-argument callable:
-    ``{"fwd": {name: fn}, "fwd+bwd": {name: fn}}``. Forward callables are meant to run under no_grad."""
-    from ..ops.lora_linear import lora_linear
-
+def make_tensors(M, k_in, n_out, r, dtype, device):
+    """Random x, W, A, B, dy for one shape (seeded by the shape, so every contender and part sees the same)."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(M * 7 + k_in * 3 + n_out + r)
 
@@ -108,9 +105,18 @@ def build_case(M, k_in, n_out, r, dtype, device, scaling=2.0):
 
     x = randn(M, k_in)
     weight = randn(n_out, k_in, scale=k_in ** -0.5)
-    lora_A = nn.Parameter(((torch.rand(r, k_in, device=device, generator=gen) * 2 - 1) * k_in ** -0.5).to(dtype))
-    lora_B = nn.Parameter(randn(n_out, r, scale=0.02))  # non-zero: a trained adapter, not a fresh one
-    dy = randn(M, n_out)
+    lora_A = ((torch.rand(r, k_in, device=device, generator=gen) * 2 - 1) * k_in ** -0.5).to(dtype)
+    lora_B = randn(n_out, r, scale=0.02)  # non-zero: a trained adapter, not a fresh one
+    return x, weight, lora_A, lora_B, randn(M, n_out)
+
+
+def build_case(M, k_in, n_out, r, dtype, device, scaling=2.0):
+    """Random tensors for one shape and every contender as a zero-argument callable:
+    ``{"fwd": {name: fn}, "fwd+bwd": {name: fn}}``. Forward callables are meant to run under no_grad."""
+    from ..ops.lora_linear import lora_linear
+
+    x, weight, lora_A, lora_B, dy = make_tensors(M, k_in, n_out, r, dtype, device)
+    lora_A, lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
     s = float(scaling)
     base, down, up = _peft_modules(weight, lora_A, lora_B)
     xg = x.detach().requires_grad_(True)
@@ -150,14 +156,10 @@ PIECES = {
 
 
 def piece_fns(M, k_in, n_out, r, dtype, device, scaling=2.0) -> dict:
-    """name -> callable for PIECES, on the tensors build_case would make for this shape."""
+    """name -> callable for PIECES, on the tensors build_case makes for this shape."""
     from ..ops.triton.lora_matmul import lora_matmul
 
-    gen = torch.Generator(device=device).manual_seed(M * 7 + k_in * 3 + n_out + r)
-    x = torch.randn(M, k_in, device=device, generator=gen).to(dtype)
-    weight = (torch.randn(n_out, k_in, device=device, generator=gen) * k_in ** -0.5).to(dtype)
-    lora_A = ((torch.rand(r, k_in, device=device, generator=gen) * 2 - 1) * k_in ** -0.5).to(dtype)
-    lora_B = (torch.randn(n_out, r, device=device, generator=gen) * 0.02).to(dtype)
+    x, weight, lora_A, lora_B, _ = make_tensors(M, k_in, n_out, r, dtype, device)
     xa = x @ lora_A.t()
     return {
         "piece: triton x@W.T": lambda: lora_matmul(x, weight.t(), tma=False),

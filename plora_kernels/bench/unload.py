@@ -40,6 +40,7 @@ TARGET_SHAPE, TARGET_RANK = (8192, 8192), 16
 CPU_SHAPE = (512, 1024)
 MOMENTUM = 0.999
 SCALING = 2.0
+COEF = (1.0 - MOMENTUM) * SCALING  # what unload_ merges: the raw kernels get the same coefficient
 SEED = 1234
 TARGET_PCT = 85.0
 
@@ -100,13 +101,12 @@ def sweep_fns(weight, lora_A, lora_B) -> dict:
     """label -> callable: the raw Triton merge with each ablation of SWEEP, nearest and stochastic."""
     from ..ops.triton.unload import merge_
 
-    coef = (1.0 - MOMENTUM) * SCALING
     fns = {}
     for rounding in ("nearest", "stochastic"):
         extra = SWEEP_STOCHASTIC if rounding == "stochastic" else ()
         for label, knobs in SWEEP + extra:
             fns[f"sweep {rounding} [{label}]"] = (
-                lambda rounding=rounding, knobs=knobs: merge_(weight, lora_A, lora_B, coef, rounding, SEED,
+                lambda rounding=rounding, knobs=knobs: merge_(weight, lora_A, lora_B, COEF, rounding, SEED,
                                                               write=True, tuning=knobs))
     return fns
 
@@ -119,7 +119,6 @@ def contender_fns(weight, lora_A, lora_B, skip=None):
     skip = {} if skip is None else skip
     on_gpu = weight.device.type == "cuda"
 
-    coef = (1.0 - MOMENTUM) * SCALING
     fns = {
         "peft": lambda: weight.add_((lora_B @ lora_A * SCALING).to(weight.dtype)),
         "addmm-fp32": lambda: weight.copy_(weight.float().addmm_(lora_B.float(), lora_A.float(), alpha=SCALING)),
@@ -130,15 +129,15 @@ def contender_fns(weight, lora_A, lora_B, skip=None):
     if on_gpu and common.backend_label(weight) == "triton":
         from ..ops.triton.unload import merge_
 
-        fns["merge_ nearest"] = lambda: merge_(weight, lora_A, lora_B, coef, "nearest", SEED, write=True)
-        fns["merge_ stochastic"] = lambda: merge_(weight, lora_A, lora_B, coef, "stochastic", SEED, write=True)
+        fns["merge_ nearest"] = lambda: merge_(weight, lora_A, lora_B, COEF, "nearest", SEED, write=True)
+        fns["merge_ stochastic"] = lambda: merge_(weight, lora_A, lora_B, COEF, "stochastic", SEED, write=True)
     else:
         why = "needs a CUDA GPU" if not on_gpu else f"Triton not in use ({common.backend_label(weight)})"
         skip["merge_ nearest"] = skip["merge_ stochastic"] = why
     twin, why = _cuda_twin() if on_gpu else (None, "needs a CUDA GPU")
     if twin is not None:
-        fns["cuda nearest"] = lambda: twin.merge_(weight, lora_A, lora_B, coef, "nearest", SEED, write=True)
-        fns["cuda stochastic"] = lambda: twin.merge_(weight, lora_A, lora_B, coef, "stochastic", SEED, write=True)
+        fns["cuda nearest"] = lambda: twin.merge_(weight, lora_A, lora_B, COEF, "nearest", SEED, write=True)
+        fns["cuda stochastic"] = lambda: twin.merge_(weight, lora_A, lora_B, COEF, "stochastic", SEED, write=True)
     else:
         skip["cuda nearest"] = skip["cuda stochastic"] = why
     return fns
