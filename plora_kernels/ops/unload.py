@@ -221,27 +221,32 @@ def unload_many_(specs: Sequence[UnloadSpec]) -> None:
     """
     from ..distributed import is_dtensor, unload_dtensor_  # lazily: it imports this module
 
-    specs = list(specs)
+    kernel, one_by_one = [], []  # the specs checked, by path; one_by_one keeps (spec, is a DTensor)
     for i, spec in enumerate(specs):
         if not isinstance(spec, UnloadSpec):
             raise TypeError(f"specs[{i}] must be an UnloadSpec, got {type(spec).__name__}")
-        if not is_dtensor(spec.weight):
-            scaling, momentum = check_unload_args(spec.weight, spec.lora_A, spec.lora_B, spec.scaling,
-                                                  spec.momentum, spec.rounding)
-            check_generator_device(spec.generator, spec.weight)
-            specs[i] = spec._replace(scaling=scaling, momentum=momentum)
+        if is_dtensor(spec.weight):  # unload_dtensor_ checks its own arguments
+            one_by_one.append((spec, True))
+            continue
+        scaling, momentum = check_unload_args(spec.weight, spec.lora_A, spec.lora_B, spec.scaling,
+                                              spec.momentum, spec.rounding)
+        check_generator_device(spec.generator, spec.weight)
+        spec = spec._replace(scaling=scaling, momentum=momentum)
+        if use_triton(spec.weight):
+            kernel.append(spec)
+        else:
+            one_by_one.append((spec, False))
     with torch.no_grad():
-        kernel = [s for s in specs if not is_dtensor(s.weight) and use_triton(s.weight)]
         for wave in _distinct_weight_runs(kernel):
             _merge_with_kernel([_Merge(s.weight, s.lora_A, s.lora_B, (1.0 - s.momentum) * s.scaling, s.rounding,
                                        s.generator, label=s.label) for s in wave])
         reference.reset_factors_([s.lora_A for s in kernel], [s.lora_B for s in kernel],
                                  [s.momentum for s in kernel], [s.generator for s in kernel])
-        for s in specs:
-            if is_dtensor(s.weight):
+        for s, sharded in one_by_one:
+            if sharded:
                 unload_dtensor_(s.weight, s.lora_A, s.lora_B, s.scaling, momentum=s.momentum,
                                 rounding=s.rounding, generator=s.generator)
-            elif not use_triton(s.weight):
+            else:
                 _unload_reference(s)
                 reference.reset_factors_([s.lora_A], [s.lora_B], [s.momentum], [s.generator])
 
