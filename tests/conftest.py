@@ -36,6 +36,18 @@ def _seed():
     torch.manual_seed(1234)
 
 
+# lora_linear tolerances, max |err| / max |ref| per output. fp16 keeps 11 bits; bf16 keeps 8, and under the
+# interpreter every fp32->bf16 store truncates instead of rounding, hence the loose bf16 bound.
+LINEAR_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (0 for an empty tensor)."""
+    if want.numel() == 0:
+        return 0.0
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so a value the kernel forgot to write cannot pass as correct."""
     return t.fill_(float("nan"))

@@ -74,12 +74,18 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_make_report(tmp_path):
+@pytest.fixture
+def results(tmp_path):
+    """A results folder holding one small linear record and one unload record."""
+    out = tmp_path / "results"
+    out.mkdir()
+    assert linear.main(["--quick", "--out", str(out), "--shape", "64,128,128", "--modes", "fwd", *FAST]) == 0
+    assert unload.main(["--quick", "--out", str(out), "--shape", "128,256", *FAST]) == 0
+    return out
+
+
+def test_make_report(tmp_path, results):
     report = _make_report()
-    results = tmp_path / "results"
-    results.mkdir()
-    assert linear.main(["--quick", "--out", str(results), "--shape", "64,128,128", "--modes", "fwd", *FAST]) == 0
-    assert unload.main(["--quick", "--out", str(results), "--shape", "128,256", *FAST]) == 0
     (results / "broken.json").write_text("{")
     md = tmp_path / "BENCHMARKS.md"
     assert report.main(["--results", str(results), "--output", str(md)]) == 0
@@ -108,13 +114,9 @@ def test_make_report(tmp_path):
     assert "Fake GPU" in text and "Targets in the latest GPU run" in text and "peak extra memory" in text
 
 
-def test_make_report_renders_sweeps_pieces_and_static_records(tmp_path):
+def test_make_report_renders_sweeps_pieces_and_static_records(tmp_path, results):
     """Rows from --sweep / --pieces and the static kernels record each get their own table."""
     report = _make_report()
-    results = tmp_path / "results"
-    results.mkdir()
-    assert linear.main(["--quick", "--out", str(results), "--shape", "64,128,128", "--modes", "fwd", *FAST]) == 0
-    assert unload.main(["--quick", "--out", str(results), "--shape", "128,256", *FAST]) == 0
     lin_path, unl_path = _one(results, "linear-*.json"), _one(results, "unload-*.json")
     lin, unl = json.loads(lin_path.read_text()), json.loads(unl_path.read_text())
     lin["results"].append(dict(lin["results"][0], contender="piece: triton x@W.T", median_ms=0.123,

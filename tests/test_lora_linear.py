@@ -2,13 +2,9 @@
 import pytest
 import torch
 
-from conftest import DEVICE, poison_
+from conftest import DEVICE, LINEAR_TOL as TOL, poison_, rel_err
 from plora_kernels import lora_linear
 from plora_kernels.ops import reference
-
-# max |err| / max |ref| per output. fp16 keeps 11 bits; bf16 keeps 8, and under the interpreter every
-# fp32->bf16 store truncates instead of rounding, hence the loose bf16 bound.
-TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 SHAPES = [  # (lead dims of x, in, out, r)
     ((7,), 129, 77, 3),
@@ -17,12 +13,6 @@ SHAPES = [  # (lead dims of x, in, out, r)
     ((33,), 72, 130, 8),
     ((3,), 48, 40, 80),  # r > 64: the low-rank term takes two BLOCK_R chunks
 ]
-
-
-def _rel(got, want):
-    if want.numel() == 0:
-        return 0.0
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
 def _make(lead, n_in, n_out, r, dtype, adapter_dtype, bias):
@@ -59,10 +49,10 @@ def test_forward_backward_match_float64(backend, dtype, lead, n_in, n_out, r, bi
     y.backward(dy)
     y64, dx64, dA64, dB64 = _float64_truth(x, W, A, B, b, s, dy)
     tol = TOL[dtype]
-    assert _rel(y, y64) < tol
-    assert _rel(x.grad, dx64) < tol
-    assert A.grad.dtype == adapter_dtype and _rel(A.grad, dA64) < tol
-    assert B.grad.dtype == adapter_dtype and _rel(B.grad, dB64) < tol
+    assert rel_err(y, y64) < tol
+    assert rel_err(x.grad, dx64) < tol
+    assert A.grad.dtype == adapter_dtype and rel_err(A.grad, dA64) < tol
+    assert B.grad.dtype == adapter_dtype and rel_err(B.grad, dB64) < tol
 
 
 def test_non_contiguous_input_and_adapters(backend):
@@ -74,7 +64,7 @@ def test_non_contiguous_input_and_adapters(backend):
     assert not x.is_contiguous() and not A.is_contiguous() and not B.is_contiguous()
     y = lora_linear(x, W, A, B, 0.5)
     y64 = x.double() @ W.double().T + 0.5 * (x.double() @ A.double().T) @ B.double().T
-    assert _rel(y, y64) < TOL[torch.float32]
+    assert rel_err(y, y64) < TOL[torch.float32]
 
 
 def test_empty_batch(backend):
@@ -99,8 +89,8 @@ def test_weight_gets_grad_only_when_it_requires_one(backend):
     b.requires_grad_()
     dy = torch.randn(6, 24, device=DEVICE)
     lora_linear(x, W, A, B, 1.0, b).backward(dy)
-    assert _rel(W.grad, (dy.double().T @ x.double())) < 1e-5
-    assert _rel(b.grad, dy.double().sum(0)) < 1e-5
+    assert rel_err(W.grad, (dy.double().T @ x.double())) < 1e-5
+    assert rel_err(b.grad, dy.double().sum(0)) < 1e-5
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="float64 gradcheck runs on the CPU reference")
@@ -130,7 +120,7 @@ def test_kernel_writes_every_output_element():
     lora_matmul(x, W.t(), lora_s=xa, lora_l=B.t(), scaling=0.3, out=out)
     want = x.double() @ W.double().T + 0.3 * xa.double() @ B.double().T
     assert not out.isnan().any()
-    assert _rel(out, want) < TOL[torch.float32]
+    assert rel_err(out, want) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -3,11 +3,9 @@ lora_linear where it takes the shapes, and the fall-back to the portable kernel 
 import pytest
 import torch
 
-from conftest import DEVICE, _triton_runnable, poison_
+from conftest import DEVICE, LINEAR_TOL as TOL, _triton_runnable, poison_, rel_err
 from plora_kernels import lora_linear
 from plora_kernels.ops.triton import lora_matmul_tma
-
-TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # as tests/test_lora_linear.py
 
 
 @pytest.fixture
@@ -30,10 +28,6 @@ def tma(monkeypatch):
     return calls
 
 
-def _rel(got, want):
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lead,n_in,n_out,r,bias", [((70,), 128, 96, 3, True), ((2, 33), 64, 136, 16, False)])
 def test_forward_backward_match_float64(tma, dtype, lead, n_in, n_out, r, bias):
@@ -50,7 +44,7 @@ def test_forward_backward_match_float64(tma, dtype, lead, n_in, n_out, r, bias):
     y64 = x64 @ W64.T + s * (x64 @ A64.T) @ B64.T + (b.double() if bias else 0.0)
     y64.backward(dy.double())
     for got, want in ((y, y64), (x.grad, x64.grad), (A.grad, A64.grad), (B.grad, B64.grad)):
-        assert _rel(got, want) < TOL[dtype]
+        assert rel_err(got, want) < TOL[dtype]
     # the forward's GEMM (B = W^T, read as W's tiles) and the backward's dx (B = W row-major) both took TMA
     assert len(tma) == 2
 
@@ -63,7 +57,7 @@ def test_poisoned_output_is_fully_written(tma):
     out = poison_(torch.empty(67, 72, device=DEVICE))
     lora_matmul(x, W.t(), out=out)
     assert len(tma) == 1 and torch.isfinite(out).all()
-    assert _rel(out, x.double() @ W.double().T) < TOL[torch.float32]
+    assert rel_err(out, x.double() @ W.double().T) < TOL[torch.float32]
 
 
 def test_unaligned_rows_fall_back_to_the_portable_kernel(tma):
@@ -73,4 +67,4 @@ def test_unaligned_rows_fall_back_to_the_portable_kernel(tma):
     B = torch.randn(77, 3, device=DEVICE)
     y = lora_linear(x, W, A, B, 0.5)
     assert not tma
-    assert _rel(y, x.double() @ W.double().T + 0.5 * (x.double() @ A.double().T) @ B.double().T) < 2e-5
+    assert rel_err(y, x.double() @ W.double().T + 0.5 * (x.double() @ A.double().T) @ B.double().T) < 2e-5
