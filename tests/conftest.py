@@ -48,6 +48,14 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
+def overflow_fp16_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Make W[7, 9] overflow fp16 on a merge with scaling 1: 65000 + r * 30 * 30 > 65504 (r >= 1, rows > 7,
+    columns > 9), while every factor stays finite."""
+    W[7, 9] = 65000.0
+    B[7].fill_(30.0)
+    A[:, 9].fill_(30.0)
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so a value the kernel forgot to write cannot pass as correct."""
     return t.fill_(float("nan"))

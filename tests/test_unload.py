@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, overflow_fp16_
 from plora_kernels import lora_linear, unload_
 from plora_kernels.ops import reference
 
@@ -126,9 +126,7 @@ def test_failed_unload_leaves_everything_bit_identical(backend, what, rounding):
     elif what == "inf_B":
         B[5, 0] = float("inf")
     elif what == "overflow":
-        W[7, 9] = 65000.0
-        B[7].fill_(30.0)
-        A[:, 9].fill_(30.0)
+        overflow_fp16_(W, A, B)
     else:
         W[0, 0] = float("nan")
     saved = [t.clone() for t in (W, A, B)]

@@ -3,7 +3,7 @@ one host read for any number of layers on the kernel path, and no layer changed 
 import pytest
 import torch
 
-from conftest import DEVICE, _triton_runnable
+from conftest import DEVICE, _triton_runnable, overflow_fp16_
 from plora_kernels import unload_
 from plora_kernels.ops.unload import UnloadSpec, unload_many_
 
@@ -88,9 +88,7 @@ def test_an_error_in_one_layer_changes_no_layer(monkeypatch, what):
     layers = _layers([(40, 70, 4, torch.float16, torch.float32, 0.0, "stochastic")] * 4)
     W, A, B = layers[2][:3]
     if what == "overflow":
-        W[7, 9] = 65000.0
-        B[7].fill_(30.0)
-        A[:, 9].fill_(30.0)
+        overflow_fp16_(W, A, B)
     else:
         B[3, 1] = float("nan")
     saved = [[_bits(t) for t in layer[:3]] for layer in layers]
