@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 import plora_kernels as pk
-from plora_kernels.distributed import replicas_in_sync
+from plora_kernels.distributed import unsynced_replicas
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -177,7 +177,7 @@ def main():
 
     status = 0
     if not args.fsdp:
-        differ = replicas_in_sync(model)
+        differ = unsynced_replicas(model)
         if rank == 0:
             print("replicas bit-identical: " + ("yes" if not differ else f"NO, differ in {differ}"), flush=True)
         status = 1 if differ else 0

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import plora_kernels as pk
-from plora_kernels.distributed import replicas_in_sync
+from plora_kernels.distributed import unsynced_replicas
 from plora_kernels.integrations.transformers import PLoRACallback
 
 
@@ -26,7 +26,7 @@ def main(out_dir: str) -> None:
     assert dist.is_initialized() and dist.get_world_size() == 2, "not a 2-rank run"
     layers = [layer for _, layer in pk.plora_layers(model)]
     unloads = {int(layer.num_unloads) for layer in layers}
-    differ = replicas_in_sync(model)
+    differ = unsynced_replicas(model)
     if dist.get_rank() == 0:
         print(f"RESULT unloads={sorted(unloads)} differ={differ}", flush=True)
 

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from plora_kernels import PeriodicUnloader, apply_plora, plora_layers, unload_
-from plora_kernels.distributed import is_dtensor, replicas_in_sync, unload_dtensor_, unload_sharded_
+from plora_kernels.distributed import is_dtensor, unsynced_replicas, unload_dtensor_, unload_sharded_
 from plora_kernels.train.unloader import unload_generator
 
 WORLD = 2
@@ -151,7 +151,7 @@ def _ddp_worker(rank, port, out_dir):
             # find_unused_parameters left False on purpose; one scenario with gradients as bucket views
             ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=name == "bf16_momentum")
             _train(ddp, dtype, parts=[_rows(rank)])
-            differ = replicas_in_sync(model)
+            differ = unsynced_replicas(model)
             assert differ == [], f"{name}: rank {rank} differs from rank 0 in {differ}"
             if rank == 0:
                 torch.save(_state(model), os.path.join(out_dir, f"ddp_{name}.pt"))

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import torch
 
-# Rounding to a 16-bit float, described as a grid: a value v with binary exponent e (clamped below at
-# EMIN) lies on a grid of spacing q = 2**(e - MANT). fp16's EMIN is its smallest normal exponent, so its
-# subnormals come out right; bf16 shares fp32's exponent range and we stop at -119 so q stays a normal
-# fp32 (values below 2**-119 round on a 2**-126 grid, still representable and still unbiased).
-ROUNDING_GRID = {torch.float16: (10, -14), torch.bfloat16: (7, -119)}
+from . import streams
+
 
 
 def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None):
@@ -45,43 +42,88 @@ def lora_linear_backward(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx=
     return dx, grad_A, grad_B
 
 
-def round_to(v: torch.Tensor, dtype: torch.dtype, rounding: str, generator=None) -> torch.Tensor:
-    """Round an fp32 tensor into ``dtype`` once: "nearest" (RNE) or "stochastic" (unbiased)."""
+def _as_int32(bits: torch.Tensor) -> torch.Tensor:
+    """int64 holding 32-bit patterns -> the int32 tensor with those bits."""
+    return (bits - ((bits >> 31) & 1) * 2**32).to(torch.int32)
+
+
+def round_stochastic(v: torch.Tensor, bits16: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 ``v`` into fp16/bf16 with 16 random bits per element, in integer arithmetic on v's bits.
+
+    The magnitude moves away from zero with probability f16 / 2**16, where f16 is the first 16 bits of its
+    fraction below the target's grid: exactly the fraction for bf16 (16 bits dropped) and for fp16 normals (13),
+    truncated for fp16 subnormals below 2**-17 (a bias under 2**-16 of their grid step). Adding
+    ``(2**16 - 1 - bits16)`` to those 16 bits carries into the kept part exactly when ``bits16 < f16``. Non-finite
+    values stay non-finite; values past the format's largest finite round to a multiple of its grid that the final
+    cast turns into inf, which the unload's check then refuses.
+    """
+    raw = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    sign, mag = raw & 0x80000000, raw & 0x7FFFFFFF
+    carry = bits16 ^ 0xFFFF
+    if dtype == torch.bfloat16:
+        out = (mag + carry) & 0xFFFF0000
+        out = torch.where(mag > 0x7F800000, 0x7FC00000, out)  # a NaN's carry could reach the sign bit
+        return _as_int32(out | sign).view(torch.float32).to(dtype)
+    # fp16: scale |v| so the grid step is 2**16 (exact: a power of two), round the integer, scale back
+    e = (mag >> 23).clamp_min(FP16_MIN_BIASED_EXP)
+    up = _as_int32((280 - e) << 23).view(torch.float32)  # 2**(26 - max(exp, -14))
+    down = _as_int32((e - 10) << 23).view(torch.float32)  # the grid step 2**(max(exp, -14) - 10)
+    fixed = (v.abs() * up).to(torch.int64)
+    out = ((fixed + carry) >> 16).to(torch.float32) * down
+    out = torch.where(e == 255, v.abs(), out)  # inf and NaN as they are
+    return torch.where(sign != 0, -out, out).to(dtype)
+
+
+# fp16's smallest normal exponent, -14, biased as in fp32: below it fp16's grid step stays 2**-24
+FP16_MIN_BIASED_EXP = 127 - 14
+
+
+def round_to(v: torch.Tensor, dtype: torch.dtype, rounding: str, seed: int = 0, row_offset: int = 0) -> torch.Tensor:
+    """Round an fp32 tensor into ``dtype`` once: "nearest" (RNE) or "stochastic" with the stream of ``seed``
+    (see ops.streams), v being rows [row_offset, ...) of the logical weight."""
     if dtype in (torch.float32, torch.float64) or rounding == "nearest":
         return v.to(dtype)
-    mant, emin = ROUNDING_GRID[dtype]
-    exponent = ((v.view(torch.int32) >> 23) & 0xFF) - 127
-    q_exp = exponent.clamp_min(emin) - mant
-    t = torch.ldexp(v, -q_exp)  # exact: a power-of-two scaling
-    floor = t.floor()
-    u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
-    up = (u < (t - floor)).to(torch.float32)  # P(up) = the fractional part: unbiased
-    return torch.ldexp(floor + up, q_exp).to(dtype)
+    rows = torch.arange(v.shape[0], device=v.device) + row_offset
+    bits = streams.rounding_bits(seed, rows, torch.arange(v.shape[1], device=v.device))
+    return round_stochastic(v, bits, dtype)
 
 
-def unload_value(weight, lora_A, lora_B, scaling, momentum=0.0, rounding="nearest", generator=None):
-    """The merged weight round(W + (1 - m) s B A), computed in fp32 as a new W-sized tensor (oracle only)."""
-    a, b = lora_A.float(), lora_B.float()
-    # summed over k one elementwise op at a time rather than by a GEMM: a BLAS GEMM may change its
-    # reduction order with the number of rows, and a row shard must merge bit for bit as the full W does
+def merge_value(weight, lora_A, lora_B, coef, rounding="nearest", seed=0, row_offset=0) -> torch.Tensor:
+    """round(W + coef B A) as a new W-sized tensor (the oracle, and the CPU path), computed in fp32 (fp64 for an
+    fp64 W) in the kernels' order: the products summed over k one at a time, then scaled, then added to W."""
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    a, b = lora_A.to(compute), lora_B.to(compute)
+    # summed elementwise rather than by a GEMM: a BLAS GEMM may change its reduction order with the number of
+    # rows, and a row shard must merge bit for bit as the full W does
     delta = b[:, :1] * a[:1]
     for k in range(1, a.shape[0]):
         delta += b[:, k:k + 1] * a[k:k + 1]
-    v = weight.float() + delta.mul_((1.0 - momentum) * scaling)
-    return round_to(v, weight.dtype, rounding, generator)
+    v = weight.to(compute) + delta.mul_(coef)
+    return round_to(v, weight.dtype, rounding, seed, row_offset)
 
 
-def reset_factors_(lora_As, lora_Bs, momenta, generators) -> None:
-    """The adapters after an unload, for a list of layers: m = 0 re-draws A (nn.Linear/PEFT init) and zeroes
-    B; m > 0 scales B by m. The zeroing is one multi-tensor op; each fresh A comes from its layer's generator."""
+def unload_value(weight, lora_A, lora_B, scaling, momentum=0.0, rounding="nearest", seed=0):
+    """The merged weight round(W + (1 - m) s B A) as a new W-sized tensor (oracle only)."""
+    return merge_value(weight, lora_A, lora_B, (1.0 - momentum) * scaling, rounding, seed)
+
+
+def reset_factors_(lora_As, lora_Bs, momenta, init_seeds) -> None:
+    """The adapters after an unload, for a list of layers: m = 0 re-draws A (ops.streams' init stream with the
+    layer's seed) and zeroes B; m > 0 scales B by m. Zeroing and scaling fp32/fp64 B's are multi-tensor ops."""
     zero = [b for b, m in zip(lora_Bs, momenta) if m == 0.0]
     if zero:
         torch._foreach_zero_(zero)
-    for a, b, m, g in zip(lora_As, lora_Bs, momenta, generators):
+    scale: dict = {}
+    for a, b, m, seed in zip(lora_As, lora_Bs, momenta, init_seeds):
         if m == 0.0:
-            init_lora_A_(a, g)
+            bound = streams.init_bound(a.shape[1])
+            a.copy_(streams.init_values(seed, a.shape[0], a.shape[1], bound, a.dtype, a.device))
+        elif b.dtype in (torch.float32, torch.float64):
+            scale.setdefault((m, b.device, b.dtype), []).append(b)
         else:  # not _foreach_mul_: its scalar is rounded to B's dtype first, so fp16 B * m would differ
             b.mul_(m)
+    for (m, _, _), bs in scale.items():
+        torch._foreach_mul_(bs, m)
 
 
 def init_lora_A_(lora_A: torch.Tensor, generator=None) -> torch.Tensor:

@@ -1,210 +1,355 @@
-"""Triton kernel: merge a LoRA update into W in place with one rounding, W <- round(W + coef * B A).
+"""Triton kernels of the unload: W <- round(W + coef B A) in place for many layers in one launch, and the fresh
+lora_A draws of all of them in another.
 
-One pass over W: each program loads a W tile, forms its slice of B A in fp32 from a B row-panel and an
-A column-panel (both tiny and L2-resident), adds, rounds once and stores. No W-sized temporary exists.
-The same launch reports max |new W| (+inf if any value is not finite in W's dtype) through one atomic,
-which the caller uses both to refuse an overflow and to skip the safety pre-pass next time.
+The merge streams W once. A 8192 x 8192 bf16 W moves 256 MiB, 68 us at the H200's measured copy speed, so an SM
+must retire ~3.8 elements per clock: the budget is ~15 instructions per element with nearest rounding and ~25
+with stochastic. Hence:
+- small tiles (16 elements per thread) in a persistent grid sized from the compiled kernel's registers, so
+  several programs are resident per SM and one program's loads overlap another's math;
+- W's tile is loaded before the low-rank product, whose operands are tiny and L2-resident;
+- B A by ``tl.dot`` at r >= 16 (the rank-1 FMA loop compiled to ~66 instructions per element there), by FMAs
+  below (a dot would pad r to 16);
+- nearest rounding by the hardware conversion; stochastic rounding in integer arithmetic on the fp32 bits with
+  16 random bits per element, one Philox call per 8 elements (``ops.streams`` defines the stream);
+- the check pass reduces "is any merged value non-finite" per program and publishes it with one relaxed
+  integer atomic (a float atomic is a fenced round trip to memory per tile).
+
+The layers are rows of a device table (pointers, shapes, strides, coefficient, seed), and a program walks the
+tiles of all of them; the check pass (``write=False``) and the writing pass are one compiled kernel, so they
+compute the same values bit for bit.
 """
 from __future__ import annotations
+
+import functools
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from ..._backend import interpreting
+from .. import streams
 
-# (mantissa bits, lowest exponent of the rounding grid, largest finite value) per W dtype; see
-# reference.ROUNDING_GRID for why bf16 stops at -119.
-_FORMAT = {
-    torch.float16: (10, -14, 65504.0),
-    torch.bfloat16: (7, -119, 3.3895313892515355e38),
-    torch.float32: (23, -126, 3.4028234663852886e38),
-}
 ROUND_NONE, ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1, 2
 
 
-@triton.jit
-def round_to_grid(v, u, MANT: tl.constexpr, EMIN: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """Round fp32 v onto the grid of a float with MANT mantissa bits; the result is exact in that format.
+# ------------------------------------------------------------------------------------------------ jit helpers
 
-    Works on the grid rather than with a cast so that nearest-even and stochastic rounding share one
-    path and so bf16 is right under the interpreter, whose fp32->bf16 cast truncates.
-    """
-    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    q_exp = tl.maximum(e, EMIN) - MANT
-    # 2**-q_exp and 2**q_exp from exponent bits: both stay normal fp32 for the EMIN chosen per format
-    inv_q = ((127 - q_exp) << 23).to(tl.float32, bitcast=True)
-    q = ((127 + q_exp) << 23).to(tl.float32, bitcast=True)
-    t = v * inv_q  # exact: power-of-two scaling
-    f = tl.floor(t)
-    frac = t - f
-    if STOCHASTIC:
-        up = u < frac  # P(up) = frac, so E[result] = v
-    else:
-        up = (frac > 0.5) | ((frac == 0.5) & ((f.to(tl.int32) & 1) == 1))
-    return (f + up.to(tl.float32)) * q
+@triton.jit
+def _next_layer(starts_ptr, layer, tile):
+    """The layer holding ``tile``: each program visits tiles in increasing order, so it only moves forward."""
+    while tl.load(starts_ptr + layer + 1) <= tile:
+        layer += 1
+    return layer
 
 
 @triton.jit
-def sr_uniform(seed, rows, group0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr):
-    """The stochastic-rounding uniforms of a BLOCK_M x BLOCK_N tile whose columns start at 8 * group0.
+def _rounding_bits(seed, rows, group0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The 16-bit rounding stream of a tile whose columns start at 8 * group0 (see ops.streams).
 
-    Element (row i, column j) takes 16 bits of Philox4x32 with key ``seed`` and counter (j // 8, i, 0, 0):
-    half j % 2 of output word (j % 8) // 2, as (bits + 0.5) / 2**16. One Philox call serves 8 elements;
-    one per element (tl.rand) cost ~0.2 ms of issue time at 8192 x 8192, 3x the pass over W. 16 bits leave a
-    bias below 2**-17 ulp. The counter is the element's logical position, so the same seed gives the same W
-    whatever the tiling, and a row shard (rows offset) draws what the full W would. csrc/ computes the same.
+    Built with interleaves so that each thread's 8 consecutive columns come from one Philox call; the
+    where/reshape form left four lanes computing the same call.
     """
     G: tl.constexpr = BLOCK_N // 8
-    zero = tl.zeros((BLOCK_M, G), dtype=tl.int32)
-    r0, r1, r2, r3 = tl.philox(seed, (group0 + tl.arange(0, G))[None, :] + zero, rows[:, None] + zero, zero, zero,
-                               N_ROUNDS)
-    lane = tl.arange(0, 8)[None, None, :]
-    word = tl.where(lane < 2, r0[:, :, None], tl.where(lane < 4, r1[:, :, None],
-                    tl.where(lane < 6, r2[:, :, None], r3[:, :, None])))
-    bits = (word >> ((lane & 1) * 16).to(tl.uint32)) & 0xFFFF
-    return tl.reshape((bits.to(tl.float32) + 0.5) * (1.0 / 65536.0), (BLOCK_M, BLOCK_N))
+    zero = tl.zeros((BLOCK_M, G), dtype=tl.uint32)
+    c0 = (group0 + tl.arange(0, G)).to(tl.uint32)[None, :] + zero
+    c1 = rows.to(tl.uint32)[:, None] + zero
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # word w of group g at 4 g + w
+    return tl.interleave(words & 0xFFFF, words >> 16)  # its low half at 8 g + 2 w, its high half next
 
 
 @triton.jit
-def _unload_kernel(
-    w_ptr, a_ptr, b_ptr, stats_ptr,
-    M, N, R: tl.constexpr,
-    stride_wm, stride_wn, stride_ar, stride_an, stride_bm, stride_br,
-    coef, seed, row_offset,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SMALL_R: tl.constexpr,
-    DOT_FP32: tl.constexpr, ROUND: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
-    MAX_FINITE: tl.constexpr, WRITE: tl.constexpr, STATS: tl.constexpr = True, N_ROUNDS: tl.constexpr = 10,
-    DELTA: tl.constexpr = True,
-):
-    pid = tl.program_id(0)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # consecutive programs walk along a row panel so they share the same B rows in cache
-    pid_m = pid // grid_n
-    pid_n = pid % grid_n
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
+def _to_nearest(v, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """v rounded to nearest-even in DTYPE: the hardware conversion, or integer RNE for bf16 under the
+    interpreter, whose fp32 -> bf16 cast truncates."""
+    if SOFT_BF16 and DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        rne = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        rne = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, bits | 0x400000, rne)  # NaN stays NaN
+        return rne.to(tl.float32, bitcast=True).to(DTYPE)
+    return v.to(DTYPE)
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    w_ptrs = w_ptr + rm[:, None] * stride_wm + rn[None, :] * stride_wn
-    w = tl.load(w_ptrs, mask=mask, other=0.0)  # issued first: its latency hides behind the delta's math
 
-    if not DELTA:  # ablation: the pass over W without the low-rank product
-        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    elif SMALL_R:
-        # r < 16: a dot would pad r up to 16; unrolled rank-1 updates do only the work needed (R is a
-        # constexpr so each rank compiles once; ranks are few)
-        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in tl.static_range(R):
-            b_col = tl.load(b_ptr + rm * stride_bm + k * stride_br, mask=mask_m, other=0.0).to(tl.float32)
-            a_row = tl.load(a_ptr + k * stride_ar + rn * stride_an, mask=mask_n, other=0.0).to(tl.float32)
-            delta += b_col[:, None] * a_row[None, :]
+@triton.jit
+def _to_stochastic(v, bits16, DTYPE: tl.constexpr):
+    """v rounded into fp16/bf16 with 16 random bits per element: ops.reference.round_stochastic, bit for bit."""
+    raw = v.to(tl.uint32, bitcast=True)
+    sign = raw & 0x80000000
+    mag = raw & 0x7FFFFFFF
+    carry = bits16 ^ 0xFFFF
+    if DTYPE == tl.bfloat16:
+        out = (mag + carry) & 0xFFFF0000
+        out = tl.where(mag > 0x7F800000, 0x7FC00000, out)
+        return (out | sign).to(tl.float32, bitcast=True).to(DTYPE)
+    else:  # fp16: on a grid scaled to a step of 2**16, subnormals included
+        e = tl.maximum(mag >> 23, 113)
+        up = ((280 - e) << 23).to(tl.float32, bitcast=True)
+        down = ((e - 10) << 23).to(tl.float32, bitcast=True)
+        fixed = (tl.abs(v) * up).to(tl.int32)
+        out = ((fixed + carry.to(tl.int32)) >> 16).to(tl.float32) * down
+        out = tl.where(e == 255, tl.abs(v), out)
+        return tl.where(sign != 0, -out, out).to(DTYPE)
+
+
+@triton.jit
+def _is_finite(x, DTYPE: tl.constexpr):
+    """Finite in DTYPE, from the bits (a float compare of bf16 is wrong under the interpreter)."""
+    if DTYPE == tl.float64:
+        return (x.to(tl.int64, bitcast=True) & 0x7FF0000000000000) != 0x7FF0000000000000
+    elif DTYPE == tl.float32:
+        return (x.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
+    elif DTYPE == tl.float16:
+        return (x.to(tl.int16, bitcast=True) & 0x7C00) != 0x7C00
     else:
-        rr = tl.arange(0, BLOCK_R)
-        b = tl.load(b_ptr + rm[:, None] * stride_bm + rr[None, :] * stride_br,
-                    mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
-        a = tl.load(a_ptr + rr[:, None] * stride_ar + rn[None, :] * stride_an,
-                    mask=(rr[:, None] < R) & mask_n[None, :], other=0.0)
-        if DOT_FP32:
-            # fp32 factors (PEFT's default): full-precision products, not tf32
-            delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        return (x.to(tl.int16, bitcast=True) & 0x7F80) != 0x7F80
+
+
+# ----------------------------------------------------------------------------------------------- the merge
+
+@triton.jit
+def _merge_kernel(
+    table_ptr, coef_ptr, starts_ptr, flag_ptr, n_layers, write,
+    w_like, a_like, b_like,  # the first layer's tensors: they give the pointer types of every layer
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FACTORS_FP32: tl.constexpr, ROUND: tl.constexpr, SOFT_BF16: tl.constexpr,
+):
+    """table_ptr: one int64 row of 14 per layer: W, A, B addresses, M, N, R, W's strides, A's, B's, the rounding
+    seed, the row offset (a row shard draws the full W's random numbers); coef_ptr: one coefficient per layer;
+    starts_ptr: each layer's first tile, and the total at [n_layers]."""
+    W_T: tl.constexpr = w_like.dtype.element_ty
+    COMPUTE: tl.constexpr = tl.float64 if W_T == tl.float64 else tl.float32
+    pid = tl.program_id(0)
+    n_tiles = tl.load(starts_ptr + n_layers)
+    layer = 0
+    bad = 0  # 1 + the index of a layer with a non-finite merged value, 0 if none (check pass)
+    for tile in tl.range(pid, n_tiles, tl.num_programs(0)):
+        layer = _next_layer(starts_ptr, layer, tile)
+        row = table_ptr + layer * 14
+        M = tl.load(row + 3)
+        N = tl.load(row + 4)
+        R = tl.load(row + 5)
+        grid_n = tl.cdiv(N, BLOCK_N)
+        local = tile - tl.load(starts_ptr + layer)
+        # consecutive tiles walk along a row panel of W, so they share B's rows in cache
+        rm = (local // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (local % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = rm < M
+        mask_n = rn < N
+        mask = mask_m[:, None] & mask_n[None, :]
+
+        # 1. W's tile first: its latency hides behind the low-rank product
+        w_ptrs = (tl.load(row + 0).to(tl.pointer_type(W_T)) + rm[:, None] * tl.load(row + 6)
+                  + rn[None, :] * tl.load(row + 7))
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+
+        # 2. this tile of B A, in fp32 (fp64 for an fp64 W)
+        a_ptr = tl.load(row + 1).to(tl.pointer_type(a_like.dtype.element_ty))
+        b_ptr = tl.load(row + 2).to(tl.pointer_type(b_like.dtype.element_ty))
+        s_ar = tl.load(row + 8)
+        s_an = tl.load(row + 9)
+        s_bm = tl.load(row + 10)
+        s_br = tl.load(row + 11)
+        if DOT:
+            rr = tl.arange(0, BLOCK_R)
+            b = tl.load(b_ptr + rm[:, None] * s_bm + rr[None, :] * s_br, mask=mask_m[:, None] & (rr[None, :] < R),
+                        other=0.0)
+            a = tl.load(a_ptr + rr[:, None] * s_ar + rn[None, :] * s_an, mask=(rr[:, None] < R) & mask_n[None, :],
+                        other=0.0)
+            if FACTORS_FP32:
+                delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision=DOT_PRECISION)
+            else:  # one 16-bit dtype: the products are exact in the fp32 accumulator
+                delta = tl.dot(b, a, out_dtype=tl.float32)
         else:
-            # 16-bit factors: products are exact in the fp32 accumulator
-            delta = tl.dot(b, a, out_dtype=tl.float32)
+            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+            for k in range(R):
+                b_col = tl.load(b_ptr + rm * s_bm + k * s_br, mask=mask_m, other=0.0).to(COMPUTE)
+                a_row = tl.load(a_ptr + k * s_ar + rn * s_an, mask=mask_n, other=0.0).to(COMPUTE)
+                delta += b_col[:, None] * a_row[None, :]
+        v = w.to(COMPUTE) + tl.load(coef_ptr + layer) * delta
 
-    v = w.to(tl.float32) + coef * delta
-    if ROUND == 2:
-        u = sr_uniform(seed, rm + row_offset, pid_n * (BLOCK_N // 8), BLOCK_M, BLOCK_N, N_ROUNDS)
-        v = round_to_grid(v, u, MANT, EMIN, True)
-    elif ROUND == 1:
-        v = round_to_grid(v, v, MANT, EMIN, False)
+        # 3. one rounding into W's dtype
+        if ROUND == 2:
+            rows = rm + tl.load(row + 13)
+            bits16 = _rounding_bits(tl.load(row + 12), rows, (local % grid_n) * (BLOCK_N // 8), BLOCK_M, BLOCK_N)
+            new = _to_stochastic(v, bits16, W_T)
+        elif ROUND == 1:
+            new = _to_nearest(v, W_T, SOFT_BF16)
+        else:
+            new = v.to(W_T)
 
-    if STATS:
-        mag = tl.abs(v)
-        mag = tl.where(mag <= MAX_FINITE, mag, float("inf"))  # NaN fails the test too
-        mag = tl.where(mask, mag, 0.0)
-        tl.atomic_max(stats_ptr, tl.max(tl.max(mag, axis=1), axis=0))
-    if WRITE:
-        tl.store(w_ptrs, v.to(w_ptr.dtype.element_ty), mask=mask)
+        # 4. write, or (the check pass) note whether any merged value is not finite
+        if write:
+            tl.store(w_ptrs, new, mask=mask)
+        else:
+            ok = _is_finite(new, W_T) | (~mask)
+            tile_bad = tl.min(tl.min(ok.to(tl.int32), axis=1), axis=0) == 0
+            bad = tl.maximum(bad, tl.where(tile_bad, layer + 1, 0))
+    if not write:
+        tl.atomic_max(flag_ptr, bad, sem="relaxed")
 
 
-def dot_in_fp32(a_dtype: torch.dtype, b_dtype: torch.dtype) -> bool:
-    """Whether the dot path forms B A from fp32 operands: fp32 or mixed factors (full-precision products, not
-    tf32), and bf16 under the interpreter, whose bf16 dot is wrong. Factors of one 16-bit dtype use the
-    16-bit dot: their products are exact in the fp32 accumulator."""
+# ----------------------------------------------------------------------------------------------- lora_A draws
+
+@triton.jit
+def _init_kernel(table_ptr, starts_ptr, n_layers, a_like, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SOFT_BF16: tl.constexpr):
+    """lora_A <- bound * z for every layer of the table (a_ptr, r, in, stride_r, stride_in, seed, bound bits):
+    ops.streams' init stream, 4 elements per Philox call."""
+    A_T: tl.constexpr = a_like.dtype.element_ty
+    COMPUTE: tl.constexpr = tl.float64 if A_T == tl.float64 else tl.float32
+    tile = tl.program_id(0)
+    layer = _next_layer(starts_ptr, 0, tile)  # a short table: the walk is a few scalar loads
+    row = table_ptr + layer * 7
+    R = tl.load(row + 1)
+    N = tl.load(row + 2)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    local = tile - tl.load(starts_ptr + layer)
+    rr = (local // grid_n) * BLOCK_R + tl.arange(0, BLOCK_R)
+    G: tl.constexpr = BLOCK_N // 4
+    g = (local % grid_n) * G + tl.arange(0, G)
+    zero = tl.zeros((BLOCK_R, G), dtype=tl.uint32)
+    r0, r1, r2, r3 = tl.philox(tl.load(row + 5), g.to(tl.uint32)[None, :] + zero,
+                               rr.to(tl.uint32)[:, None] + zero, zero, zero)
+    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # word w of group g at 4 g + w
+    z = ((words >> 8).to(tl.int32) * 2 + (1 - 2**24)).to(COMPUTE) * (2.0**-24)
+    bound = tl.load(row + 6).to(tl.float64, bitcast=True).to(COMPUTE)
+    rn = (local % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ptrs = tl.load(row).to(tl.pointer_type(A_T)) + rr[:, None] * tl.load(row + 3) + rn[None, :] * tl.load(row + 4)
+    tl.store(ptrs, _to_nearest(z * bound, A_T, SOFT_BF16), mask=(rr[:, None] < R) & (rn[None, :] < N))
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+def dot_precision(w_dtype: torch.dtype, a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[bool, str]:
+    """(whether the dot's operands are cast to fp32, the dot's input precision) for a group's dtypes.
+
+    Factors of one 16-bit dtype use the 16-bit dot (products exact in fp32). Mixed or fp32 factors are cast to
+    fp32; on a 16-bit W they use tf32x3 (three tensor-core passes, ~fp32 accuracy, far below W's half ulp) rather
+    than the FMA emulation of an IEEE fp32 dot, ~18 instructions per element; an fp32 W keeps IEEE. The
+    interpreter's bf16 dot is wrong and it ignores the precision, so bf16 is cast to fp32 there.
+    """
     dtypes = {a_dtype, b_dtype}
-    return len(dtypes) > 1 or torch.float32 in dtypes or (interpreting() and torch.bfloat16 in dtypes)
+    fp32 = len(dtypes) > 1 or not dtypes <= {torch.float16, torch.bfloat16} or (
+        interpreting() and torch.bfloat16 in dtypes)
+    precision = "tf32x3" if fp32 and w_dtype in (torch.float16, torch.bfloat16) and not interpreting() else "ieee"
+    return fp32, precision
 
 
-def _blocks(R: int, w_bytes: int) -> tuple[int, int, int]:
-    """Tile shape and warps for rank R and a W of w_bytes per element. Fixed rather than autotuned:
-    autotuning an in-place kernel would need a W-sized backup for its trial runs.
+def uses_dot(w_dtype: torch.dtype, r: int) -> bool:
+    """tl.dot for B A from r = 16 (below it would pad r to 16); an fp64 W always sums in fp64 FMAs."""
+    return r >= 16 and w_dtype != torch.float64
 
-    A streaming kernel needs many warps in flight per SM, so the tile is spread over many threads.
-    Compiled for sm_90 (benchmarks/kernel_resources.py, numbers in benchmarks/NOTES.md), 64x256 with 8
-    warps took 254 registers per thread with stochastic rounding: one block, 8 warps, per SM. Over 32 warps
-    (16 elements per thread) a 16-bit W takes at most 64 registers, 32 warps per SM. Above r = 16 the dot's
-    operands need more registers (fp32 factors at r = 64 spilled), and an fp32 W spills at 16 elements per
-    thread: both get 8 elements per thread, in blocks small enough to keep 128 registers available.
+
+def tile_shape(w_dtype: torch.dtype, block_r: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps). Fixed, not autotuned: autotuning an in-place kernel needs a W-sized backup.
+
+    16 elements per thread (32 x 64 over 4 warps) keeps a 16-bit merge near 48 registers with nearest rounding
+    and under 80 with stochastic in the sm_90 compile, so 6-10 programs fit per SM. Wider ranks and fp32/fp64 W
+    take half the tile. The interpreter's cost is per program: there, few large tiles.
     """
     if interpreting():
-        return 64, 128, 4  # the interpreter's cost is per program: few large tiles
-    if w_bytes == 4:
-        return 32, 64, 8
-    return (64, 256, 32) if R <= 16 else (32, 128, 16)
+        return 32, 64, 4
+    if w_dtype in (torch.float32, torch.float64) or block_r > 16:
+        return 16, 64, 4
+    return 32, 64, 4
 
 
-# ablation knobs for ``plora bench unload --sweep`` (each answers one question about where the time goes);
-# production calls leave them at their defaults
-TUNING_KEYS = ("block_m", "block_n", "num_warps", "small_r", "stats", "n_rounds", "delta")
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coef: float,
-           rounding: str, seed: int, *, write: bool, row_offset: int = 0,
-           tuning: dict | None = None) -> torch.Tensor:
-    """W <- round(W + coef B A) in place (or a dry run when ``write`` is False).
+_RESIDENT: dict = {}  # compiled-variant key -> programs resident per SM
 
-    ``row_offset``: W is rows [row_offset, row_offset + M) of a larger logical weight (a sharded unload);
-    stochastic rounding then uses the random numbers the full weight's unload would use for those rows.
 
-    Returns a 1-element fp32 tensor: max |new W|, or +inf if any new value is not finite in W's dtype.
-    Checks are the caller's job (see ops.unload).
+def _programs(device: torch.device, n_tiles: int, key, compiled_fn) -> int:
+    """The persistent grid: as many programs as fit on the GPU at once (from the compiled kernel's registers
+    and shared memory), never more than the tiles. More would queue behind the first wave and end unevenly."""
+    if device.type != "cuda":
+        return max(1, min(n_tiles, 4))
+    per_sm = _RESIDENT.get(key)
+    if per_sm is None:
+        kernel = compiled_fn()
+        props = torch.cuda.get_device_properties(device)
+        threads = 32 * kernel.metadata.num_warps
+        by_regs = props.regs_per_multiprocessor // max(1, kernel.n_regs * threads)
+        by_smem = props.shared_memory_per_multiprocessor // max(1, kernel.metadata.shared)
+        by_threads = props.max_threads_per_multi_processor // threads
+        per_sm = _RESIDENT[key] = max(1, min(by_regs, by_smem, by_threads, 32))
+    return max(1, min(n_tiles, per_sm * _sm_count(device.index or 0)))
 
-    ``tuning`` (benchmarks only) overrides any of :data:`TUNING_KEYS`: the tile (block_m, block_n,
-    num_warps), the rank-1-update path instead of the dot (small_r), the max|W| report (stats; off breaks
-    the overflow bookkeeping), Philox's rounds (n_rounds; other than 10 changes the random stream) and the
-    low-rank product itself (delta; off leaves only the pass over W and the rounding).
+
+def _round_mode(w_dtype: torch.dtype, rounding: str) -> int:
+    if w_dtype in (torch.float32, torch.float64):
+        return ROUND_NONE
+    return ROUND_STOCHASTIC if rounding == "stochastic" else ROUND_NEAREST
+
+
+def group_key(m) -> tuple:
+    """Merges with equal keys run in one launch: same dtypes, rounding mode and product path."""
+    r = m.lora_A.shape[0]
+    dot = uses_dot(m.weight.dtype, r)
+    return (m.weight.dtype, m.lora_A.dtype, m.lora_B.dtype, _round_mode(m.weight.dtype, m.rounding), dot,
+            max(16, triton.next_power_of_2(r)) if dot else 0)
+
+
+def _host_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """An int64 table on ``device`` without a sync: pinned host memory, copied asynchronously."""
+    t = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
+def merge_group_(merges: Sequence, *, write: bool) -> torch.Tensor:
+    """One launch over merges (``ops.merge.Merge``) that share a :func:`group_key` (all non-empty, all on one device).
+
+    ``write=False`` is the check pass: nothing is written, and the returned int32 tensor of one element holds
+    1 + the index of a merge whose result has a non-finite value, or 0. ``write=True`` merges in place and
+    returns the same tensor, left at 0.
     """
-    M, N = weight.shape
-    R = lora_A.shape[0]
-    mant, emin, max_finite = _FORMAT[weight.dtype]
-    if weight.dtype == torch.float32:
-        mode = ROUND_NONE
-    else:
-        mode = ROUND_STOCHASTIC if rounding == "stochastic" else ROUND_NEAREST
-    factor_dtypes = {lora_A.dtype, lora_B.dtype}
-    if torch.float64 in factor_dtypes:
-        raise TypeError("the Triton unload kernel takes fp16/bf16/fp32 factors, got float64")
-    stats = torch.zeros(1, dtype=torch.float32, device=weight.device)
-    block_m, block_n, warps = _blocks(R, weight.element_size())
-    knobs = dict(block_m=block_m, block_n=block_n, num_warps=warps, small_r=R < 16, stats=True, n_rounds=10,
-                 delta=True)
-    unknown = set(tuning or ()) - set(TUNING_KEYS)
-    if unknown:
-        raise ValueError(f"tuning keys must be among {TUNING_KEYS}, got {sorted(unknown)}")
-    knobs.update(tuning or {})
-    block_m, block_n, warps = knobs["block_m"], knobs["block_n"], knobs["num_warps"]
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _unload_kernel[grid](
-        weight, lora_A, lora_B, stats, M, N, R,
-        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1),
-        coef, seed, row_offset,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        SMALL_R=bool(knobs["small_r"]), DOT_FP32=dot_in_fp32(lora_A.dtype, lora_B.dtype), ROUND=mode,
-        MANT=mant, EMIN=emin, MAX_FINITE=max_finite, WRITE=write, STATS=bool(knobs["stats"]), N_ROUNDS=int(knobs["n_rounds"]), DELTA=bool(knobs["delta"]),
-        num_warps=warps,
-    )
-    return stats
+    first = merges[0]
+    w_dtype, a_dtype, b_dtype, mode, dot, block_r = group_key(first)
+    device = first.weight.device
+    block_m, block_n, warps = tile_shape(w_dtype, block_r)
+    starts, rows = [0], []
+    for m in merges:
+        M, N = m.weight.shape
+        R = m.lora_A.shape[0]
+        rows.append([m.weight.data_ptr(), m.lora_A.data_ptr(), m.lora_B.data_ptr(), M, N, R,
+                     m.weight.stride(0), m.weight.stride(1), m.lora_A.stride(0), m.lora_A.stride(1),
+                     m.lora_B.stride(0), m.lora_B.stride(1), m.seed, m.row_offset])
+        starts.append(starts[-1] + triton.cdiv(M, block_m) * triton.cdiv(N, block_n))
+    table = _host_table(rows, device)
+    tile_starts = _host_table([starts], device).view(-1)
+    compute = torch.float64 if w_dtype == torch.float64 else torch.float32
+    coefs = torch.tensor([m.coef for m in merges], dtype=compute,
+                         pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    factors_fp32, precision = dot_precision(w_dtype, a_dtype, b_dtype)
+    args = (table, coefs, tile_starts, flag, len(merges), int(write), first.weight, first.lora_A, first.lora_B)
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(block_r, 16), DOT=dot, DOT_PRECISION=precision,
+                FACTORS_FP32=factors_fp32, ROUND=mode, SOFT_BF16=interpreting(), num_warps=warps)
+    key = (device.index, w_dtype, a_dtype, b_dtype, tuple(sorted((k, str(v)) for k, v in meta.items())))
+    n = _programs(device, starts[-1], key, lambda: _merge_kernel.warmup(*args, grid=(1,), **meta))
+    # no contraction of B A's products and sums into FMAs: the kernel then rounds exactly as the reference and
+    # the CUDA twin do (16-bit factors' products are exact either way; this only fixes the fp32 factors' order)
+    _merge_kernel[(n,)](*args, **meta, enable_fp_fusion=False)
+    return flag
+
+
+def init_lora_A_group_(lora_As: Sequence[torch.Tensor], seeds: Sequence[int]) -> None:
+    """Fresh lora_A draws (ops.streams' init stream) for tensors of one dtype on one device, in one launch."""
+    first = lora_As[0]
+    block_r, block_n = 16, 256
+    starts, rows = [0], []
+    for a, seed in zip(lora_As, seeds):
+        R, N = a.shape
+        bound = torch.tensor(streams.init_bound(N), dtype=torch.float64).view(torch.int64).item()
+        rows.append([a.data_ptr(), R, N, a.stride(0), a.stride(1), seed, bound])
+        starts.append(starts[-1] + triton.cdiv(R, block_r) * triton.cdiv(N, block_n))
+    if starts[-1] == 0:
+        return
+    table = _host_table(rows, first.device)
+    tile_starts = _host_table([starts], first.device).view(-1)
+    _init_kernel[(starts[-1],)](table, tile_starts, len(lora_As), first, BLOCK_R=block_r, BLOCK_N=block_n,
+                                SOFT_BF16=interpreting(), num_warps=4)
