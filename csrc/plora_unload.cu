@@ -1,4 +1,5 @@
-// plora_unload.cu — the CUDA C++ twin of the Triton in-place unload merge (plora_kernels/ops/triton/unload.py).
+// plora_unload.cu — the CUDA C++ twin of the Triton unload merge (plora_kernels/ops/triton/unload.py,
+// `_merge_kernel`), one layer per launch.
 //
 //   W <- round(W + coef * B @ A)     W: (M, N) fp16/bf16/fp32, A: (R, N), B: (M, R) fp16/bf16/fp32 (any strides)
 //
@@ -6,24 +7,30 @@
 // in __host__ __device__ functions shared by the GPU kernel and a plain CPU loop (plora_unload_host), so a
 // machine without a GPU can test the exact arithmetic the kernel does.
 //
-// Semantics (identical to the Triton kernel `_unload_kernel` and its helper `round_to_grid`):
-//   delta  = sum_{k = 0..R-1} float(B[i,k]) * float(A[k,j])   fp32, k in increasing order, mul and add
-//                                                              rounded separately (no FMA contraction)
-//   v      = float(W[i,j]) + coef * delta                      fp32 (mul, then add)
-//   W dtype fp32: no rounding (the fp32 sum is the result); fp16 / bf16: rounded onto the format's grid,
-//   nearest-even or stochastic; the stochastic uniform of element (i, j) is the Triton kernel's sr_uniform:
-//   16 bits of Philox4x32-10 with key (seed lo, seed hi) and counter (j / 8, i, 0, 0), half j % 2 of output
-//   word (j % 8) / 2, as (bits + 0.5) / 2^16 (one Philox call per 8 elements; i counts rows of the full
-//   weight, so a row shard passes its row_offset).
-//   stats[0] <- max(stats[0], max |new value|), with +inf for any value not finite in W's dtype (|v| above
-//   the largest finite value, or NaN); stats[0] must hold a non-negative float (the caller zeroes it).
-//   write == 0: a dry run, W is not stored to.
+// Semantics (those of ops.reference.merge_value and of the Triton kernel on its rank-1 path, r < 16):
+//   delta  = 0 + sum_{k = 0..R-1} fl32(float(B[i,k]) * float(A[k,j]))   k in increasing order, every product
+//                                                                       and sum rounded (no FMA contraction)
+//   v      = fl32(float(W[i,j]) + fl32(coef * delta))                   coef rounded to fp32 first
+//   fp32 W: no rounding. fp16 / bf16 W:
+//     nearest    : round-to-nearest-even (the hardware conversion on the device, an exact bit-level RNE on
+//                  the host);
+//     stochastic : ops.reference.round_stochastic in integer arithmetic on v's bits with 16 random bits per
+//                  element (bf16: (|v| bits + (bits16 ^ 0xFFFF)) & 0xFFFF0000; fp16: the same carry on a grid
+//                  scaled to 2^16 steps, subnormals included).
+//   The 16 bits of element (i, j) are ops.streams.rounding_bits: half j % 2 of word (j % 8) / 2 of
+//   Philox4x32-10 with key (seed lo, seed hi) and counter (j / 8, i, 0, 0); i counts rows of the full weight
+//   (a row shard passes its first row as row_offset). One Philox call serves 8 elements: a 16-byte vector of
+//   a 16-bit W is exactly one group.
+//   write == 0 (the check pass): nothing is stored; *flag |= 1 if any merged value (after the rounding) is not
+//   finite in W's dtype (overflow, a NaN or inf already in W, a non-finite factor). write == 1: W is stored
+//   and the flag is not touched.
 //
 // Build: nvcc -shared -Xcompiler -fPIC -O3 -fmad=false -Xcompiler -ffp-contract=off
 //        -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 ... (see csrc/README.md).
 // The code does not rely on those two contraction flags (device math goes through __fmul_rn/__fadd_rn);
 // they make sure the host compiler cannot fuse the CPU loop's multiply-adds either.
 
+#include <atomic>
 #include <cstdint>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -56,25 +63,18 @@ PLORA_HD float fadd(float a, float b) {
   return a + b;
 #endif
 }
-PLORA_HD float fsub(float a, float b) {
+PLORA_HD uint32_t float_bits(float x) {
 #ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
+  return static_cast<uint32_t>(__float_as_int(x));
 #else
-  return a - b;
-#endif
-}
-PLORA_HD int32_t float_bits(float x) {
-#ifdef __CUDA_ARCH__
-  return __float_as_int(x);
-#else
-  int32_t i;
+  uint32_t i;
   __builtin_memcpy(&i, &x, 4);
   return i;
 #endif
 }
-PLORA_HD float bits_float(int32_t i) {
+PLORA_HD float bits_float(uint32_t i) {
 #ifdef __CUDA_ARCH__
-  return __int_as_float(i);
+  return __int_as_float(static_cast<int>(i));
 #else
   float x;
   __builtin_memcpy(&x, &i, 4);
@@ -90,8 +90,8 @@ PLORA_HD uint32_t umulhi(uint32_t a, uint32_t b) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Philox4x32-10 as triton/language/random.py computes it (tl.philox with 32-bit counters): key (k0, k1) =
-// (seed & 0xffffffff, seed >> 32) with the seed widened to uint64 first, counter (c0, c1, 0, 0).
+// Philox4x32-10 as ops.streams.philox and triton's tl.philox compute it: key (k0, k1) = (seed & 0xffffffff,
+// seed >> 32), counter (c0, c1, 0, 0).
 PLORA_HD void philox4(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t out[4]) {
   uint32_t c2 = 0u, c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -108,230 +108,309 @@ PLORA_HD void philox4(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t out[4]) 
   out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
 }
 
-// element j's uniform from its group's four Philox words: (16 bits + 0.5) / 2^16, exact in fp32
-PLORA_HD float sr_uniform_of(const uint32_t words[4], uint32_t j) {
-  const uint32_t bits = (words[(j & 7u) >> 1] >> ((j & 1u) * 16u)) & 0xFFFFu;
-  return fmul(fadd(static_cast<float>(bits), 0.5f), 1.0f / 65536.0f);
+// element j's 16 rounding bits from its group's four Philox words (j may be the column or the column % 8)
+PLORA_HD uint32_t bits16_of(const uint32_t words[4], uint32_t j) {
+  return (words[(j & 7u) >> 1] >> ((j & 1u) * 16u)) & 0xFFFFu;
 }
 
-// the uniform of element (row, j) of the full weight, on its own (one Philox call)
-PLORA_HD float sr_uniform(uint64_t seed, uint32_t row, uint32_t j) {
+// the 16 bits of element (row, col) of the full weight, on their own (one Philox call; host loop and tests)
+PLORA_HD uint32_t rounding_bits(uint64_t seed, uint32_t row, uint32_t col) {
   uint32_t words[4];
-  philox4(seed, j >> 3, row, words);
-  return sr_uniform_of(words, j);
+  philox4(seed, col >> 3, row, words);
+  return bits16_of(words, col);
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// round_to_grid: round fp32 v onto the grid of a float with MANT mantissa bits whose grid stops refining at
-// exponent EMIN (fp16: 10, -14; bf16: 7, -119). Stochastic: up with probability frac (u < frac).
-template <int MANT, int EMIN, bool STOCHASTIC>
-PLORA_HD float round_to_grid(float v, float u) {
-  const int e = ((float_bits(v) >> 23) & 0xFF) - 127;
-  const int q_exp = (e > EMIN ? e : EMIN) - MANT;
-  const float inv_q = bits_float((127 - q_exp) << 23);
-  const float q = bits_float((127 + q_exp) << 23);
-  const float t = fmul(v, inv_q);  // exact: a power-of-two scaling
-  const float f = floorf(t);
-  const float frac = fsub(t, f);
-  bool up;
-  if (STOCHASTIC) {
-    up = u < frac;
-  } else {  // ties to even; the int conversion only runs for a finite f (frac == 0.5 implies it)
-    up = (frac > 0.5f) || (frac == 0.5f && (static_cast<int32_t>(f) & 1) == 1);
-  }
-  return fmul(fadd(f, up ? 1.0f : 0.0f), q);
+// 16-bit formats from and to fp32. Device: the hardware conversions. Host: exact bit-level code (what torch's
+// .to() computes: round-to-nearest-even, subnormals and overflow to inf included), so the host loop does not
+// depend on the CUDA headers' host fallbacks.
+PLORA_HD float half_to_float(uint16_t h) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__ushort_as_half(h));
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0x1Fu) return bits_float(sign | 0x7F800000u | (m << 13));
+  if (e != 0u) return bits_float(sign | ((e + 112u) << 23) | (m << 13));
+  // zero or subnormal: m * 2^-24, exact in fp32
+  return bits_float(sign | float_bits(static_cast<float>(m) * 5.9604644775390625e-8f));
+#endif
 }
 
-// per-W-dtype traits: storage type, conversions, rounding grid, largest finite value
-template <typename T> struct WTraits;
-template <> struct WTraits<float> {
-  static constexpr int MANT = 23, EMIN = -126;
-  PLORA_HD static float max_finite() { return bits_float(0x7F7FFFFF); }
-  PLORA_HD static float load(float x) { return x; }
-  PLORA_HD static float store(float x) { return x; }
+PLORA_HD float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+PLORA_HD uint16_t float_to_half_rn(float v) {
+#ifdef __CUDA_ARCH__
+  return __half_as_ushort(__float2half_rn(v));
+#else
+  const uint32_t x = float_bits(v), sign = (x >> 16) & 0x8000u, mag = x & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((mag >> 13) & 0x3FFu));  // NaN
+  if (mag >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520 (a tie): inf
+  if (mag >= 0x38800000u) {  // fp16 normal: rebias the exponent (127 -> 15), drop 13 mantissa bits, RNE
+    const uint32_t r = mag - (112u << 23);
+    return static_cast<uint16_t>(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
+  }
+  if (mag < 0x33000000u) return static_cast<uint16_t>(sign);  // below 2^-25: zero (2^-25 itself ties to 0)
+  // fp16 subnormal: the value in units of 2^-24 is m >> shift, rounded to nearest-even (0x400 is 2^-14)
+  const uint32_t e = mag >> 23, m = (mag & 0x7FFFFFu) | 0x800000u, shift = 126u - e;
+  uint32_t q = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+  if (rem > half || (rem == half && (q & 1u))) ++q;
+  return static_cast<uint16_t>(sign | q);
+#endif
+}
+
+PLORA_HD uint16_t float_to_bf16_rn(float v) {
+#ifdef __CUDA_ARCH__
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+#else
+  const uint32_t x = float_bits(v);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN stays NaN
+  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// stochastic rounding: ops.reference.round_stochastic, bit for bit. carry = bits16 ^ 0xFFFF carries into the
+// kept part exactly when bits16 < the first 16 dropped bits of |v|.
+PLORA_HD uint16_t stochastic_bf16(float v, uint32_t bits16) {
+  const uint32_t raw = float_bits(v), sign = raw & 0x80000000u, mag = raw & 0x7FFFFFFFu;
+  uint32_t out = (mag + (bits16 ^ 0xFFFFu)) & 0xFFFF0000u;
+  if (mag > 0x7F800000u) out = 0x7FC00000u;  // a NaN's carry could reach the sign bit
+  return static_cast<uint16_t>((out | sign) >> 16);  // on bf16's grid: the conversion is the top half
+}
+
+PLORA_HD uint16_t stochastic_f16(float v, uint32_t bits16) {
+  const uint32_t raw = float_bits(v), sign = raw & 0x80000000u, mag = raw & 0x7FFFFFFFu;
+  const uint32_t e = (mag >> 23) < 113u ? 113u : (mag >> 23);  // fp16's grid step stays 2^-24 below 2^-14
+  float out;
+  if (e == 255u) {
+    out = bits_float(mag);  // inf and NaN as they are
+  } else {
+    const float up = bits_float((280u - e) << 23);   // 2^(26 - max(exp, -14)): the grid step becomes 2^16
+    const float down = bits_float((e - 10u) << 23);  // the grid step 2^(max(exp, -14) - 10)
+    const int32_t fixed = static_cast<int32_t>(fmul(bits_float(mag), up));  // < 2^27; truncates below 2^-17
+    const int32_t q = (fixed + static_cast<int32_t>(bits16 ^ 0xFFFFu)) >> 16;
+    out = fmul(static_cast<float>(q), down);  // exact, or inf far past fp16's range
+  }
+  return float_to_half_rn(bits_float(float_bits(out) | sign));  // on fp16's grid: exact, or inf
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// per-W-dtype traits: storage type, load as fp32, the two roundings, finiteness of a stored value
+template <int WDT> struct WTraits;
+template <> struct WTraits<DT_F32> {
+  using S = uint32_t;
+  PLORA_HD static float load(S s) { return bits_float(s); }
+  PLORA_HD static S nearest(float v) { return float_bits(v); }
+  PLORA_HD static S stochastic(float v, uint32_t) { return float_bits(v); }
+  PLORA_HD static bool finite(S s) { return (s & 0x7F800000u) != 0x7F800000u; }
 };
-template <> struct WTraits<__half> {
-  static constexpr int MANT = 10, EMIN = -14;
-  PLORA_HD static float max_finite() { return 65504.0f; }
-  PLORA_HD static float load(__half x) { return __half2float(x); }
-  PLORA_HD static __half store(float x) { return __float2half_rn(x); }  // x is on the grid: exact or overflow
+template <> struct WTraits<DT_F16> {
+  using S = uint16_t;
+  PLORA_HD static float load(S s) { return half_to_float(s); }
+  PLORA_HD static S nearest(float v) { return float_to_half_rn(v); }
+  PLORA_HD static S stochastic(float v, uint32_t bits16) { return stochastic_f16(v, bits16); }
+  PLORA_HD static bool finite(S s) { return (s & 0x7C00u) != 0x7C00u; }
 };
-template <> struct WTraits<__nv_bfloat16> {
-  static constexpr int MANT = 7, EMIN = -119;
-  PLORA_HD static float max_finite() { return bits_float(0x7F7F0000); }
-  PLORA_HD static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  PLORA_HD static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+template <> struct WTraits<DT_BF16> {
+  using S = uint16_t;
+  PLORA_HD static float load(S s) { return bf16_to_float(s); }
+  PLORA_HD static S nearest(float v) { return float_to_bf16_rn(v); }
+  PLORA_HD static S stochastic(float v, uint32_t bits16) { return stochastic_bf16(v, bits16); }
+  PLORA_HD static bool finite(S s) { return (s & 0x7F80u) != 0x7F80u; }
 };
 
 // a factor element of runtime dtype, as fp32 (exact)
 PLORA_HD float load_factor(const void* base, int dtype, int64_t index) {
   switch (dtype) {
-    case DT_F16: return __half2float(static_cast<const __half*>(base)[index]);
-    case DT_BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[index]);
+    case DT_F16: return half_to_float(static_cast<const uint16_t*>(base)[index]);
+    case DT_BF16: return bf16_to_float(static_cast<const uint16_t*>(base)[index]);
     default: return static_cast<const float*>(base)[index];
   }
 }
 
-// the whole per-element epilogue: v = w + coef * delta, rounded (u: the element's stochastic uniform, unused
-// otherwise); *mag gets |new| or +inf if not finite
-template <typename WT, int ROUND>
-PLORA_HD float merge_element(float w, float delta, float coef, float u, float* mag) {
-  using Tr = WTraits<WT>;
-  float v = fadd(w, fmul(coef, delta));
-  if (ROUND == ROUND_STOCHASTIC) {
-    v = round_to_grid<Tr::MANT, Tr::EMIN, true>(v, u);
-  } else if (ROUND == ROUND_NEAREST) {
-    v = round_to_grid<Tr::MANT, Tr::EMIN, false>(v, v);
-  }
-  const float a = fabsf(v);
-  *mag = (a <= Tr::max_finite()) ? a : __builtin_huge_valf();  // NaN fails the test too
-  return v;
+// the per-element epilogue: v = w + coef * delta, rounded once into W's dtype
+template <int WDT, int ROUND>
+PLORA_HD typename WTraits<WDT>::S merge_element(typename WTraits<WDT>::S w, float delta, float coef,
+                                                uint32_t bits16) {
+  using Tr = WTraits<WDT>;
+  const float v = fadd(Tr::load(w), fmul(coef, delta));
+  if (ROUND == ROUND_STOCHASTIC) return Tr::stochastic(v, bits16);
+  return Tr::nearest(v);  // an fp32 W: v itself
 }
 
+// the arguments of one merge (sizes and strides in elements)
+struct Args {
+  void* w;
+  const void* a;
+  const void* b;
+  int* flag;
+  int64_t M, N, R;
+  int64_t s_wm, s_wn, s_ar, s_an, s_bm, s_br;
+  int a_dt, b_dt;
+  float coef;
+  uint64_t seed;
+  uint32_t row_offset;
+  int write;
+};
+
 // ---------------------------------------------------------------------------------------------------------
-// GPU kernel. A block owns a BM x BN tile of W: 32 threads along N, each with one 16-byte vector (VEC
-// elements), and 8 threads along M, each with ROWS rows spaced 8 apart, so a warp touches 512 contiguous
-// bytes of one row. The A column panel and the B row panel go through shared memory as fp32 in chunks of
-// KC ranks; each thread accumulates its ROWS x VEC slice of B A in registers, k in increasing order.
+// GPU kernel: a grid-stride loop over BM x BN tiles of W (consecutive tiles walk along a row panel). In a
+// tile, 32 threads along N each own one 16-byte vector (VEC elements: 8 of a 16-bit W, one Philox group; 4 of
+// an fp32 W) and 8 warps along M each own ROWS rows spaced 8 apart, so a warp touches 512 contiguous bytes of
+// a row. Per tile: (1) W's vectors are loaded first, so their latency hides behind (2) the low-rank product:
+// the A column panel and B row panel pass through shared memory as fp32 in chunks of KC ranks and each thread
+// sums its ROWS x VEC slice of B A, k in increasing order; (3) one Philox call per row vector, the rounding,
+// and the store (write pass) or the finiteness test (check pass). The check pass reduces "any non-finite" over
+// the block once, at the end, and publishes it with one relaxed integer atomic.
 constexpr int TX = 32, TY = 8, ROWS = 4, KC = 16, THREADS = TX * TY;
 constexpr int BM = TY * ROWS;
 
-template <typename WT> struct Tile {
-  static constexpr int VEC = 16 / static_cast<int>(sizeof(WT));
+template <int WDT> struct Tile {
+  static constexpr int VEC = 16 / static_cast<int>(sizeof(typename WTraits<WDT>::S));
   static constexpr int BN = TX * VEC;
 };
 
-template <typename WT, int ROUND>
-__global__ void __launch_bounds__(THREADS)
-unload_kernel(WT* __restrict__ w, const void* __restrict__ a, const void* __restrict__ b,
-              float* __restrict__ stats, int M, int N, int R,
-              int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an, int64_t s_bm, int64_t s_br,
-              int a_dt, int b_dt, float coef, uint64_t seed, uint32_t row_offset, int write) {
-  constexpr int VEC = Tile<WT>::VEC, BN = Tile<WT>::BN;
+template <int WDT, int ROUND>
+__global__ void __launch_bounds__(THREADS) merge_kernel(const Args p) {
+  using Tr = WTraits<WDT>;
+  using S = typename Tr::S;
+  constexpr int VEC = Tile<WDT>::VEC, BN = Tile<WDT>::BN;
+  static_assert(ROUND != ROUND_STOCHASTIC || VEC == 8, "a stochastic vector must be one Philox group");
   __shared__ __align__(16) float As[KC][BN];
   __shared__ float Bs[BM][KC + 1];
-  __shared__ float warp_max[THREADS / 32];
+  union Pack {
+    uint4 u;
+    S e[VEC];
+  };
 
-  const int grid_n = (N + BN - 1) / BN;
-  const int pid_m = static_cast<int>(blockIdx.x) / grid_n;  // consecutive blocks share a B row panel
-  const int pid_n = static_cast<int>(blockIdx.x) % grid_n;
-  const int m0 = pid_m * BM, n0 = pid_n * BN;
   const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+  const int64_t grid_n = (p.N + BN - 1) / BN;
+  const int64_t n_tiles = ((p.M + BM - 1) / BM) * grid_n;
+  S* const w = static_cast<S*>(p.w);
+  bool bad = false;
 
-  float acc[ROWS][VEC];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[r][v] = 0.0f;
+  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {  // block-uniform: the syncs are safe
+    const int64_t m0 = (tile / grid_n) * BM, n0 = (tile % grid_n) * BN;
+    const int64_t j0 = n0 + tx * VEC;
 
-  for (int kc = 0; kc < R; kc += KC) {
-    __syncthreads();
-    for (int idx = tid; idx < KC * BN; idx += THREADS) {
-      const int kk = idx / BN, jj = idx % BN, k = kc + kk, j = n0 + jj;
-      As[kk][jj] = (k < R && j < N) ? load_factor(a, a_dt, k * s_ar + j * s_an) : 0.0f;
-    }
-    for (int idx = tid; idx < BM * KC; idx += THREADS) {
-      const int ii = idx / KC, kk = idx % KC, i = m0 + ii, k = kc + kk;
-      Bs[ii][kk] = (i < M && k < R) ? load_factor(b, b_dt, i * s_bm + k * s_br) : 0.0f;
-    }
-    __syncthreads();
-    const int kn = R - kc < KC ? R - kc : KC;
-    auto step = [&](int kk) {
-      float av[VEC];
+    // 1. W's vectors, before the product
+    Pack wv[ROWS];
 #pragma unroll
-      for (int v = 0; v < VEC; v += 4) {
-        const float4 q = *reinterpret_cast<const float4*>(&As[kk][tx * VEC + v]);
-        av[v] = q.x; av[v + 1] = q.y; av[v + 2] = q.z; av[v + 3] = q.w;
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t i = m0 + ty + r * TY;
+      wv[r].u = make_uint4(0u, 0u, 0u, 0u);
+      if (i < p.M && j0 < p.N) {
+        const S* row = w + i * p.s_wm;
+        if (p.s_wn == 1 && j0 + VEC <= p.N && (reinterpret_cast<uintptr_t>(row + j0) & 15u) == 0) {
+          wv[r].u = *reinterpret_cast<const uint4*>(row + j0);
+        } else {  // ragged tail, misaligned rows or a strided last dimension
+#pragma unroll
+          for (int v = 0; v < VEC; ++v)
+            if (j0 + v < p.N) wv[r].e[v] = row[(j0 + v) * p.s_wn];
+        }
       }
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        const float bv = Bs[ty + r * TY][kk];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[r][v] = fadd(acc[r][v], fmul(bv, av[v]));
-      }
-    };
-    if (kn == KC) {
-#pragma unroll
-      for (int kk = 0; kk < KC; ++kk) step(kk);
-    } else {
-      for (int kk = 0; kk < kn; ++kk) step(kk);
     }
-  }
 
-  float tmax = 0.0f;
-  const int j0 = n0 + tx * VEC;
+    // 2. this thread's slice of B A, in fp32
+    float acc[ROWS][VEC];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    const int i = m0 + ty + r * TY;
-    if (i >= M || j0 >= N) continue;
-    WT* row = w + static_cast<int64_t>(i) * s_wm;
-    const uint32_t grow = row_offset + static_cast<uint32_t>(i);  // the row in the full weight
-    const bool vec = s_wn == 1 && j0 + VEC <= N && (reinterpret_cast<uintptr_t>(row + j0) & 15) == 0;
-    if (vec) {
-      union { uint4 u; WT e[VEC]; } pack;
-      pack.u = *reinterpret_cast<const uint4*>(row + j0);
-      // a 16-bit W has VEC = 8 and j0 % 8 == 0: the vector is one Philox group, one call for 8 elements
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[r][v] = 0.0f;
+    for (int64_t kc = 0; kc < p.R; kc += KC) {
+      __syncthreads();  // the previous chunk (or tile) is done with the panels
+      for (int idx = tid; idx < KC * BN; idx += THREADS) {
+        const int kk = idx / BN, jj = idx % BN;
+        const int64_t k = kc + kk, j = n0 + jj;
+        As[kk][jj] = (k < p.R && j < p.N) ? load_factor(p.a, p.a_dt, k * p.s_ar + j * p.s_an) : 0.0f;
+      }
+      for (int idx = tid; idx < BM * KC; idx += THREADS) {
+        const int ii = idx / KC, kk = idx % KC;
+        const int64_t i = m0 + ii, k = kc + kk;
+        Bs[ii][kk] = (i < p.M && k < p.R) ? load_factor(p.b, p.b_dt, i * p.s_bm + k * p.s_br) : 0.0f;
+      }
+      __syncthreads();
+      const int kn = p.R - kc < KC ? static_cast<int>(p.R - kc) : KC;
+      auto step = [&](int kk) {
+        float av[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; v += 4) {
+          const float4 q = *reinterpret_cast<const float4*>(&As[kk][tx * VEC + v]);
+          av[v] = q.x; av[v + 1] = q.y; av[v + 2] = q.z; av[v + 3] = q.w;
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          const float bv = Bs[ty + r * TY][kk];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[r][v] = fadd(acc[r][v], fmul(bv, av[v]));
+        }
+      };
+      if (kn == KC) {
+#pragma unroll
+        for (int kk = 0; kk < KC; ++kk) step(kk);
+      } else {
+        for (int kk = 0; kk < kn; ++kk) step(kk);
+      }
+    }
+
+    // 3. round, then store or test
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t i = m0 + ty + r * TY;
+      if (i >= p.M || j0 >= p.N) continue;
       uint32_t words[4] = {0u, 0u, 0u, 0u};
-      if (ROUND == ROUND_STOCHASTIC) philox4(seed, static_cast<uint32_t>(j0) >> 3, grow, words);
+      // j0 % 8 == 0: the vector is one Philox group, so element v takes bits16_of(words, v)
+      if (ROUND == ROUND_STOCHASTIC)
+        philox4(p.seed, static_cast<uint32_t>(j0 >> 3), p.row_offset + static_cast<uint32_t>(i), words);
+      Pack out;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        float mag;
-        const float u = ROUND == ROUND_STOCHASTIC ? sr_uniform_of(words, static_cast<uint32_t>(j0 + v)) : 0.0f;
-        const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(pack.e[v]), acc[r][v], coef, u, &mag);
-        tmax = fmaxf(tmax, mag);
-        pack.e[v] = WTraits<WT>::store(nv);
+        out.e[v] = merge_element<WDT, ROUND>(wv[r].e[v], acc[r][v], p.coef, bits16_of(words, v));
+        if (!p.write && j0 + v < p.N) bad |= !Tr::finite(out.e[v]);
       }
-      if (write) *reinterpret_cast<uint4*>(row + j0) = pack.u;
-    } else {  // ragged tail, misaligned rows or a strided last dimension
+      if (p.write) {
+        S* row = w + i * p.s_wm;
+        if (p.s_wn == 1 && j0 + VEC <= p.N && (reinterpret_cast<uintptr_t>(row + j0) & 15u) == 0) {
+          *reinterpret_cast<uint4*>(row + j0) = out.u;
+        } else {
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const int j = j0 + v;
-        if (j >= N) break;
-        WT* p = row + static_cast<int64_t>(j) * s_wn;
-        float mag;
-        const float u = ROUND == ROUND_STOCHASTIC ? sr_uniform(seed, grow, static_cast<uint32_t>(j)) : 0.0f;
-        const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(*p), acc[r][v], coef, u, &mag);
-        tmax = fmaxf(tmax, mag);
-        if (write) *p = WTraits<WT>::store(nv);
+          for (int v = 0; v < VEC; ++v)
+            if (j0 + v < p.N) row[(j0 + v) * p.s_wn] = out.e[v];
+        }
       }
     }
   }
 
-  // block max, then one atomic: non-negative floats (+inf included) order like their int bit patterns
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, off));
-  if ((tid & 31) == 0) warp_max[tid >> 5] = tmax;
-  __syncthreads();
-  if (tid == 0) {
-    float m = warp_max[0];
-#pragma unroll
-    for (int q = 1; q < THREADS / 32; ++q) m = fmaxf(m, warp_max[q]);
-    atomicMax(reinterpret_cast<int*>(stats), __float_as_int(m));
+  if (!p.write) {  // the check pass: one barrier-reduction and at most one relaxed atomic per block
+    if (__syncthreads_or(bad) && tid == 0) atomicOr(p.flag, 1);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // host reference loop: the same element math in the same order, one element at a time
-template <typename WT, int ROUND>
-void unload_host(WT* w, const void* a, const void* b, float* stats, int64_t M, int64_t N, int64_t R,
-                 int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an, int64_t s_bm, int64_t s_br,
-                 int a_dt, int b_dt, float coef, uint64_t seed, uint32_t row_offset, int write) {
-  float tmax = 0.0f;
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t j = 0; j < N; ++j) {
+template <int WDT, int ROUND>
+void merge_host(const Args& p) {
+  using Tr = WTraits<WDT>;
+  using S = typename Tr::S;
+  S* const w = static_cast<S*>(p.w);
+  bool bad = false;
+  for (int64_t i = 0; i < p.M; ++i) {
+    uint32_t words[4] = {0u, 0u, 0u, 0u};
+    for (int64_t j = 0; j < p.N; ++j) {
+      if (ROUND == ROUND_STOCHASTIC && (j & 7) == 0)
+        philox4(p.seed, static_cast<uint32_t>(j >> 3), p.row_offset + static_cast<uint32_t>(i), words);
       float delta = 0.0f;
-      for (int64_t k = 0; k < R; ++k)
-        delta = fadd(delta, fmul(load_factor(b, b_dt, i * s_bm + k * s_br), load_factor(a, a_dt, k * s_ar + j * s_an)));
-      WT* p = w + i * s_wm + j * s_wn;
-      float mag;
-      const float u = ROUND == ROUND_STOCHASTIC
-          ? sr_uniform(seed, row_offset + static_cast<uint32_t>(i), static_cast<uint32_t>(j)) : 0.0f;
-      const float nv = merge_element<WT, ROUND>(WTraits<WT>::load(*p), delta, coef, u, &mag);
-      tmax = tmax > mag ? tmax : mag;
-      if (write) *p = WTraits<WT>::store(nv);
+      for (int64_t k = 0; k < p.R; ++k)
+        delta = fadd(delta, fmul(load_factor(p.b, p.b_dt, i * p.s_bm + k * p.s_br),
+                                 load_factor(p.a, p.a_dt, k * p.s_ar + j * p.s_an)));
+      S* const at = w + i * p.s_wm + j * p.s_wn;
+      const S nv = merge_element<WDT, ROUND>(*at, delta, p.coef, bits16_of(words, static_cast<uint32_t>(j)));
+      if (p.write) *at = nv;
+      else bad |= !Tr::finite(nv);
     }
   }
-  if (tmax > *stats || !(*stats == *stats)) *stats = tmax;
+  if (bad) *p.flag = 1;
 }
 
 inline bool valid_dtype(int dt) { return dt == DT_F32 || dt == DT_F16 || dt == DT_BF16; }
@@ -342,89 +421,110 @@ inline int effective_rounding(int w_dt, int rounding) {
   return (rounding == ROUND_NEAREST || rounding == ROUND_STOCHASTIC) ? rounding : -1;
 }
 
-inline int check_args(const void* w, int w_dt, const void* a, int a_dt, const void* b, int b_dt,
-                      const float* stats, int64_t M, int64_t N, int64_t R, int rounding) {
-  if (!valid_dtype(w_dt) || !valid_dtype(a_dt) || !valid_dtype(b_dt)) return E_DTYPE;
+inline int check_args(const Args& p, int w_dt, int rounding) {
+  if (!valid_dtype(w_dt) || !valid_dtype(p.a_dt) || !valid_dtype(p.b_dt)) return E_DTYPE;
   if (rounding < ROUND_NONE || rounding > ROUND_STOCHASTIC || effective_rounding(w_dt, rounding) < 0)
     return E_ROUNDING;
-  if (M < 0 || N < 0 || R < 0 || M > INT32_MAX || N > INT32_MAX || R > INT32_MAX) return E_SIZE;
-  if (stats == nullptr) return E_NULL;
-  if (M > 0 && N > 0 && (w == nullptr || (R > 0 && (a == nullptr || b == nullptr)))) return E_NULL;
+  if (p.M < 0 || p.N < 0 || p.R < 0 || p.M > INT32_MAX || p.N > INT32_MAX || p.R > INT32_MAX) return E_SIZE;
+  if (p.flag == nullptr) return E_NULL;
+  if (p.M > 0 && p.N > 0 && (p.w == nullptr || (p.R > 0 && (p.a == nullptr || p.b == nullptr)))) return E_NULL;
   return OK;
 }
 
-template <typename WT, int ROUND>
-int launch_typed(void* w, const void* a, int a_dt, const void* b, int b_dt, float* stats, int64_t M, int64_t N,
-                 int64_t R, int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an, int64_t s_bm, int64_t s_br,
-                 float coef, uint64_t seed, uint32_t row_offset, int write, cudaStream_t stream) {
-  constexpr int BN = Tile<WT>::BN;
-  const int64_t blocks = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
-  if (blocks > INT32_MAX) return E_SIZE;
-  unload_kernel<WT, ROUND><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
-      static_cast<WT*>(w), a, b, stats, static_cast<int>(M), static_cast<int>(N), static_cast<int>(R), s_wm, s_wn,
-      s_ar, s_an, s_bm, s_br, a_dt, b_dt, coef, seed, row_offset, write);
+// blocks of a kernel resident per SM, from the compiled kernel (asked once per kernel; 0 on an error)
+template <int WDT, int ROUND>
+int blocks_per_sm() {
+  static std::atomic<int> cached{0};
+  int n = cached.load(std::memory_order_relaxed);
+  if (n == 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, merge_kernel<WDT, ROUND>, THREADS, 0) != cudaSuccess)
+      return 0;
+    cached.store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+template <int WDT, int ROUND>
+int launch_typed(const Args& p, int sm_count, cudaStream_t stream) {
+  const int64_t tiles = ((p.M + BM - 1) / BM) * ((p.N + Tile<WDT>::BN - 1) / Tile<WDT>::BN);
+  const int per_sm = blocks_per_sm<WDT, ROUND>();
+  if (per_sm <= 0) return static_cast<int>(cudaGetLastError());
+  int64_t grid = static_cast<int64_t>(per_sm) * (sm_count > 0 ? sm_count : 1);
+  if (grid > tiles) grid = tiles;
+  merge_kernel<WDT, ROUND><<<static_cast<unsigned>(grid), THREADS, 0, stream>>>(p);
   return static_cast<int>(cudaGetLastError());
+}
+
+inline Args make_args(void* w, const void* a, int a_dt, const void* b, int b_dt, int32_t* flag, int64_t M, int64_t N,
+                      int64_t R, int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an, int64_t s_bm, int64_t s_br,
+                      float coef, uint64_t seed, uint32_t row_offset, int write) {
+  Args p;
+  p.w = w; p.a = a; p.b = b; p.flag = reinterpret_cast<int*>(flag);
+  p.M = M; p.N = N; p.R = R;
+  p.s_wm = s_wm; p.s_wn = s_wn; p.s_ar = s_ar; p.s_an = s_an; p.s_bm = s_bm; p.s_br = s_br;
+  p.a_dt = a_dt; p.b_dt = b_dt; p.coef = coef; p.seed = seed; p.row_offset = row_offset; p.write = write ? 1 : 0;
+  return p;
 }
 
 }  // namespace plora
 
 // ---------------------------------------------------------------------------------------------------------
-// C ABI. Sizes and strides are in elements. dtype: 0 fp32, 1 fp16, 2 bf16. rounding: 0 none, 1 nearest-even,
-// 2 stochastic (an fp32 W is never rounded, whatever is passed; a 16-bit W needs 1 or 2). seed: the 64-bit
-// pattern Triton would see after widening its seed argument to uint64 (sign-extended for a negative seed).
-// row_offset: W is a row shard starting at row row_offset of a larger weight; the stochastic stream is indexed
-// by the full weight's rows, so the shard rounds with the random numbers the full weight would use.
+// C ABI (version 4). Sizes and strides are in elements. dtype: 0 fp32, 1 fp16, 2 bf16. rounding: 0 none,
+// 1 nearest-even, 2 stochastic (an fp32 W is never rounded, whatever is passed; a 16-bit W needs 1 or 2).
+// seed: the 64-bit Philox key (low word k0, high word k1). row_offset: W is a row shard starting at row
+// row_offset of a larger weight; the stream is indexed by the full weight's rows. flag: one int32 on W's device
+// (host memory for the host loop), zeroed by the caller; the check pass (write == 0) sets it to 1 if a merged
+// value is not finite in W's dtype, the write pass leaves it alone. sm_count: the device's SM count (the grid
+// is the kernel's resident blocks per SM times it, capped at the number of tiles).
 // Returns 0, a negative plora error code, or (launcher only) a cudaError_t.
 extern "C" {
 
-int plora_unload_abi_version(void) { return 3; }
+int plora_unload_abi_version(void) { return 4; }
 
-int plora_unload_launch(void* w, int w_dt, const void* a, int a_dt, const void* b, int b_dt, float* stats,
+int plora_unload_launch(void* w, int w_dt, const void* a, int a_dt, const void* b, int b_dt, int32_t* flag,
                         int64_t M, int64_t N, int64_t R, int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an,
-                        int64_t s_bm, int64_t s_br, float coef, uint64_t seed, uint32_t row_offset, int rounding, int write,
-                        void* stream) {
+                        int64_t s_bm, int64_t s_br, float coef, uint64_t seed, uint32_t row_offset, int rounding,
+                        int write, int sm_count, void* stream) {
   using namespace plora;
-  const int err = check_args(w, w_dt, a, a_dt, b, b_dt, stats, M, N, R, rounding);
+  const Args p = make_args(w, a, a_dt, b, b_dt, flag, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, coef, seed,
+                           row_offset, write);
+  const int err = check_args(p, w_dt, rounding);
   if (err != OK) return err;
   if (M == 0 || N == 0) return OK;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int mode = effective_rounding(w_dt, rounding);
-#define PLORA_ARGS w, a, a_dt, b, b_dt, stats, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, coef, seed, row_offset, write, s
-  if (w_dt == DT_F32) return launch_typed<float, ROUND_NONE>(PLORA_ARGS);
+  if (w_dt == DT_F32) return launch_typed<DT_F32, ROUND_NONE>(p, sm_count, s);
   if (w_dt == DT_F16)
-    return mode == ROUND_STOCHASTIC ? launch_typed<__half, ROUND_STOCHASTIC>(PLORA_ARGS)
-                                    : launch_typed<__half, ROUND_NEAREST>(PLORA_ARGS);
-  return mode == ROUND_STOCHASTIC ? launch_typed<__nv_bfloat16, ROUND_STOCHASTIC>(PLORA_ARGS)
-                                  : launch_typed<__nv_bfloat16, ROUND_NEAREST>(PLORA_ARGS);
-#undef PLORA_ARGS
+    return mode == ROUND_STOCHASTIC ? launch_typed<DT_F16, ROUND_STOCHASTIC>(p, sm_count, s)
+                                    : launch_typed<DT_F16, ROUND_NEAREST>(p, sm_count, s);
+  return mode == ROUND_STOCHASTIC ? launch_typed<DT_BF16, ROUND_STOCHASTIC>(p, sm_count, s)
+                                  : launch_typed<DT_BF16, ROUND_NEAREST>(p, sm_count, s);
 }
 
-int plora_unload_host(void* w, int w_dt, const void* a, int a_dt, const void* b, int b_dt, float* stats,
+int plora_unload_host(void* w, int w_dt, const void* a, int a_dt, const void* b, int b_dt, int32_t* flag,
                       int64_t M, int64_t N, int64_t R, int64_t s_wm, int64_t s_wn, int64_t s_ar, int64_t s_an,
-                      int64_t s_bm, int64_t s_br, float coef, uint64_t seed, uint32_t row_offset, int rounding, int write) {
+                      int64_t s_bm, int64_t s_br, float coef, uint64_t seed, uint32_t row_offset, int rounding,
+                      int write) {
   using namespace plora;
-  const int err = check_args(w, w_dt, a, a_dt, b, b_dt, stats, M, N, R, rounding);
+  const Args p = make_args(w, a, a_dt, b, b_dt, flag, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, coef, seed,
+                           row_offset, write);
+  const int err = check_args(p, w_dt, rounding);
   if (err != OK) return err;
   const int mode = effective_rounding(w_dt, rounding);
-#define PLORA_ARGS a, b, stats, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, a_dt, b_dt, coef, seed, row_offset, write
-  if (w_dt == DT_F32) {
-    unload_host<float, ROUND_NONE>(static_cast<float*>(w), PLORA_ARGS);
-  } else if (w_dt == DT_F16) {
-    if (mode == ROUND_STOCHASTIC) unload_host<__half, ROUND_STOCHASTIC>(static_cast<__half*>(w), PLORA_ARGS);
-    else unload_host<__half, ROUND_NEAREST>(static_cast<__half*>(w), PLORA_ARGS);
-  } else {
-    if (mode == ROUND_STOCHASTIC)
-      unload_host<__nv_bfloat16, ROUND_STOCHASTIC>(static_cast<__nv_bfloat16*>(w), PLORA_ARGS);
-    else unload_host<__nv_bfloat16, ROUND_NEAREST>(static_cast<__nv_bfloat16*>(w), PLORA_ARGS);
-  }
-#undef PLORA_ARGS
+  if (w_dt == DT_F32) merge_host<DT_F32, ROUND_NONE>(p);
+  else if (w_dt == DT_F16 && mode == ROUND_STOCHASTIC) merge_host<DT_F16, ROUND_STOCHASTIC>(p);
+  else if (w_dt == DT_F16) merge_host<DT_F16, ROUND_NEAREST>(p);
+  else if (mode == ROUND_STOCHASTIC) merge_host<DT_BF16, ROUND_STOCHASTIC>(p);
+  else merge_host<DT_BF16, ROUND_NEAREST>(p);
   return OK;
 }
 
-// the stochastic uniforms of columns col0 .. col0 + n - 1 of row `row` of a full weight (host; for tests)
-int plora_sr_uniform_host(uint64_t seed, uint32_t row, uint32_t col0, int64_t n, float* out) {
-  if (n < 0 || (n > 0 && out == nullptr)) return plora::E_NULL;
-  for (int64_t q = 0; q < n; ++q) out[q] = plora::sr_uniform(seed, row, col0 + static_cast<uint32_t>(q));
+// the 16 rounding bits of columns col0 .. col0 + n - 1 of row `row` of a full weight (host; for tests)
+int plora_rounding_bits_host(uint64_t seed, uint32_t row, uint32_t col0, int64_t n, int32_t* out) {
+  if (n < 0) return plora::E_SIZE;
+  if (n > 0 && out == nullptr) return plora::E_NULL;
+  for (int64_t q = 0; q < n; ++q)
+    out[q] = static_cast<int32_t>(plora::rounding_bits(seed, row, col0 + static_cast<uint32_t>(q)));
   return plora::OK;
 }
 
@@ -433,7 +533,7 @@ const char* plora_unload_error_string(int code) {
     case plora::OK: return "ok";
     case plora::E_DTYPE: return "unsupported dtype code (0 fp32, 1 fp16, 2 bf16)";
     case plora::E_ROUNDING: return "bad rounding code (a 16-bit W needs 1 nearest or 2 stochastic)";
-    case plora::E_SIZE: return "sizes out of range (M, N, R must be in [0, 2^31), the grid below 2^31 blocks)";
+    case plora::E_SIZE: return "sizes out of range (M, N, R must be in [0, 2^31))";
     case plora::E_NULL: return "null pointer";
     default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown error";
   }

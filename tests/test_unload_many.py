@@ -43,7 +43,7 @@ def _specs(layers, gens):
 def test_matches_per_layer_unloads_bit_for_bit(backend):
     layers = _layers()
     twins = [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in layer) for layer in layers]
-    for _ in range(2):  # the second round uses max|W| cached by the first
+    for _ in range(2):
         unload_many_(_specs(layers, _gens(len(layers))))
         for (W, A, B, s, m, rnd), g in zip(twins, _gens(len(twins))):
             unload_(W, A, B, s, momentum=m, rounding=rnd, generator=g)
@@ -66,18 +66,63 @@ def _count_host_reads(monkeypatch):
     return reads
 
 
-@pytest.mark.parametrize("n_layers", [2, 7])
-def test_kernel_path_reads_the_host_a_fixed_number_of_times(monkeypatch, n_layers):
-    """The steady-state checks of any number of layers come to the host together: one read per dtype of the
-    values read (the factors' maxima, the cached max|W|), never one per layer."""
+def _count_launches(monkeypatch):
+    """Counts Triton kernel launches of the unload module and torch ops (each a launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from plora_kernels.ops.triton import unload as tu
+
+    counts = {"triton": 0, "torch": 0, "inside": False}
+
+    class Launches:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                counts["triton"] += 1
+                counts["inside"] = True  # the interpreter's own tensor copies are not the unload's ops
+                try:
+                    return self.fn[grid](*args, **kwargs)
+                finally:
+                    counts["inside"] = False
+            return launch
+
+        def __getattr__(self, name):
+            return getattr(self.fn, name)
+
+    for name in ("_merge_kernel", "_init_kernel"):
+        monkeypatch.setattr(tu, name, Launches(getattr(tu, name)))
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not counts["inside"]:
+                counts["torch"] += 1
+                counts.setdefault("ops", []).append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return counts, Ops
+
+
+@pytest.mark.parametrize("n_layers", [10, 100])
+def test_a_model_unload_is_a_few_launches_and_one_host_read(monkeypatch, n_layers):
+    """However many layers: one host read (the check pass's flag), three Triton launches (check, write, the
+    fresh A's) and a fixed number of small torch ops (tables, the flag, B's multi-tensor reset)."""
     if not _triton_runnable():
         pytest.skip("Triton is not runnable here")
     monkeypatch.setenv("PLORA_BACKEND", "triton")
-    layers = _layers([(48, 40, 4, torch.bfloat16, torch.float32, 0.2, "nearest")] * n_layers)
-    unload_many_(_specs(layers, [None] * n_layers))  # first unload: reads max|W| once
+    layers = _layers([(8, 16, 4, torch.bfloat16, torch.float32, 0.0, "stochastic")] * n_layers)
+    specs = [UnloadSpec(W, A, B, s, m, rnd, label=f"layer{i}", seed=1000 + i)
+             for i, (W, A, B, s, m, rnd) in enumerate(layers)]  # host seeds, as PeriodicUnloader passes
+    counts, Ops = _count_launches(monkeypatch)
     reads = _count_host_reads(monkeypatch)
-    unload_many_(_specs(layers, [None] * n_layers))
-    assert reads["n"] == 2
+    with Ops():
+        unload_many_(specs)
+    assert reads["n"] == 1
+    assert counts["triton"] == 3
+    # 16 at 10 and at 100 layers: per launch group a table, tile starts and coefficients lifted from host
+    # lists, the flag, the flags' concatenation, the fresh A's tables, B's multi-tensor zeroing
+    assert counts["torch"] <= 16, counts["ops"]
 
 
 @pytest.mark.parametrize("what", ["overflow", "nan_B"])

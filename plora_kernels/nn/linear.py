@@ -96,10 +96,11 @@ class PLoRALinear(nn.Module):
         """Merge the adapter into the weight (momentum rule, one rounding) and reset it; counts unloads."""
         unload_layers_([self], [generator])
 
-    def unload_spec(self, generator: torch.Generator | None = None, label: str = "") -> UnloadSpec:
+    def unload_spec(self, generator: torch.Generator | None = None, label: str = "",
+                    seed: int | None = None) -> UnloadSpec:
         """This layer's arguments to :func:`plora_kernels.ops.unload.unload_many_`."""
         return UnloadSpec(self.weight, self.lora_A, self.lora_B, self.scaling, self.momentum, self.rounding,
-                          generator, label)
+                          generator, label, seed)
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
@@ -120,17 +121,20 @@ class PLoRALinear(nn.Module):
                 f"unloads={int(self.num_unloads)}")
 
 
-def unload_layers_(layers, generators=None, labels=None) -> None:
+def unload_layers_(layers, generators=None, labels=None, seeds=None) -> None:
     """Unload PLoRALinear layers together and count the unloads: on the kernel path they share their checks
     and one host sync (see :func:`plora_kernels.ops.unload.unload_many_`), and nothing changes on an error.
 
-    ``generators``: one per layer (or None: the global RNGs); ``labels``: names for error messages.
+    ``generators``: one per layer (or None: torch's default CPU generator); ``seeds``: one int per layer instead
+    (the random streams derive from it on the host); ``labels``: names for error messages.
     """
     layers = list(layers)
     generators = [None] * len(layers) if generators is None else list(generators)
+    seeds = [None] * len(layers) if seeds is None else list(seeds)
     labels = [""] * len(layers) if labels is None else list(labels)
-    if not len(generators) == len(labels) == len(layers):
-        raise ValueError(f"got {len(layers)} layers, {len(generators)} generators and {len(labels)} labels")
-    unload_many_([layer.unload_spec(g, name) for layer, g, name in zip(layers, generators, labels)])
+    if not len(generators) == len(labels) == len(seeds) == len(layers):
+        raise ValueError(f"got {len(layers)} layers, {len(generators)} generators, {len(seeds)} seeds and "
+                         f"{len(labels)} labels")
+    unload_many_([layer.unload_spec(g, name, seed) for layer, g, name, seed in zip(layers, generators, labels, seeds)])
     if layers:
         torch._foreach_add_([layer.num_unloads for layer in layers], 1)

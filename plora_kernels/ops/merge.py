@@ -64,7 +64,8 @@ def _error(m: Merge, label: str) -> ValueError:
 def _path(m: Merge) -> str:
     if not use_triton(m.weight):
         return "torch"
-    if m.weight.is_cuda and requested_unload_kernel() == "cuda":
+    fp64 = torch.float64 in (m.weight.dtype, m.lora_A.dtype, m.lora_B.dtype)
+    if m.weight.is_cuda and requested_unload_kernel() == "cuda" and not fp64:  # the twin has no fp64 path
         return "cuda"
     return "triton"
 

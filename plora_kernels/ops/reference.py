@@ -68,7 +68,7 @@ def round_stochastic(v: torch.Tensor, bits16: torch.Tensor, dtype: torch.dtype) 
     e = (mag >> 23).clamp_min(FP16_MIN_BIASED_EXP)
     up = _as_int32((280 - e) << 23).view(torch.float32)  # 2**(26 - max(exp, -14))
     down = _as_int32((e - 10) << 23).view(torch.float32)  # the grid step 2**(max(exp, -14) - 10)
-    fixed = (v.abs() * up).to(torch.int64)
+    fixed = torch.where(e == 255, 0.0, v.abs() * up).to(torch.int64)  # no NaN -> int cast
     out = ((fixed + carry) >> 16).to(torch.float32) * down
     out = torch.where(e == 255, v.abs(), out)  # inf and NaN as they are
     return torch.where(sign != 0, -out, out).to(dtype)

@@ -1,5 +1,5 @@
 """Training drivers: periodic unloading and the stage-aware LR schedule."""
 from .schedule import stage_cosine_schedule, stage_lr_factor
-from .unloader import PeriodicUnloader, unload_generator
+from .unloader import PeriodicUnloader, unload_generator, unload_seed
 
-__all__ = ["PeriodicUnloader", "stage_cosine_schedule", "stage_lr_factor", "unload_generator"]
+__all__ = ["PeriodicUnloader", "stage_cosine_schedule", "stage_lr_factor", "unload_generator", "unload_seed"]

@@ -6,16 +6,23 @@ from torch import nn
 
 from ..nn.linear import unload_layers_
 from ..nn.patching import plora_layers
+from ..ops import streams
 
 OPTIMIZER_RESETS = ("zero", "scale", "keep")
 
 
-def unload_generator(seed: int, unload_index: int, layer_index: int, device) -> torch.Generator:
-    """The generator for one layer's unload, a pure function of (seed, unload, layer).
+def unload_seed(seed: int, unload_index: int, layer_index: int) -> int:
+    """The seed of one layer's unload, a pure function of (seed, unload, layer), computed on the host.
 
     Deriving it rather than drawing from a global RNG makes every data-parallel rank draw the same fresh
     lora_A and the same stochastic rounding, and makes a resumed run repeat the uninterrupted one.
     """
+    return streams.seed_for(seed, unload_index, layer_index)
+
+
+def unload_generator(seed: int, unload_index: int, layer_index: int, device) -> torch.Generator:
+    """A generator for one layer's unload, a pure function of (seed, unload, layer), for APIs that take one
+    (``unload_``, ``unload_dtensor_``)."""
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + unload_index * 10_007 + layer_index) % (2**63 - 1))
     return g
@@ -65,9 +72,8 @@ class PeriodicUnloader:
     def unload(self) -> None:
         """Unload every layer now (together: one host sync on the kernel path) and reset the adapters'
         optimizer state per policy."""
-        generators = [unload_generator(self.seed, self.num_unloads, i, layer.weight.device)
-                      for i, layer in enumerate(self.layers)]
-        unload_layers_(self.layers, generators, self.names)
+        seeds = [unload_seed(self.seed, self.num_unloads, i) for i in range(len(self.layers))]
+        unload_layers_(self.layers, labels=self.names, seeds=seeds)
         self._reset_optimizer_state()
         self.num_unloads += 1
 

@@ -16,18 +16,25 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ..._backend import interpreting
 from . import lora_matmul, lora_matmul_tma, unload
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-REGISTERS_PER_SM = 65536
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+INIT_TILE = (16, 256, 4)  # (BLOCK_R, BLOCK_N, warps) of init_lora_A_group_
+REGISTERS_PER_SM = 65536  # sm_90 (and sm_80)
+REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
 SHARED_PER_SM = 228 * 1024
-MAX_WARPS_PER_SM = 64
+SHARED_RESERVED_PER_BLOCK = 1024
+MAX_THREADS_PER_SM = 2048
+MAX_BLOCKS_PER_SM = 32
+MAX_WARPS_PER_SM = MAX_THREADS_PER_SM // 32
 
 
 def _compile(fn, types: dict, constexprs: dict, unit: tuple, divisible: tuple, arch: int, **options):
@@ -42,22 +49,64 @@ def _compile(fn, types: dict, constexprs: dict, unit: tuple, divisible: tuple, a
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def compile_unload(*, w="bf16", factors="bf16", r=16, rounding=2, block_m=64, block_n=256, num_warps=32,
-                   small_r=None, stats=True, n_rounds=10, delta=True, arch=90):
-    """The merge kernel for one variant; rounding 0/1/2 = none/nearest/stochastic (fp32 W takes 0)."""
-    mant, emin, max_finite = unload._FORMAT[_DTYPES[w]]
-    strides = "stride_wm stride_wn stride_ar stride_an stride_bm stride_br".split()
-    types = dict(w_ptr="*" + w, a_ptr="*" + factors, b_ptr="*" + factors, stats_ptr="*fp32", M="i32", N="i32",
-                 coef="fp32", seed="i32", row_offset="i32", **{s: "i32" for s in strides})
-    ce = dict(R=r, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(r)),
-              SMALL_R=r < 16 if small_r is None else small_r,
-              DOT_FP32=unload.dot_in_fp32(_DTYPES[factors], _DTYPES[factors]),
-              ROUND=rounding, MANT=mant, EMIN=emin, MAX_FINITE=max_finite, WRITE=True, STATS=stats,
-              N_ROUNDS=n_rounds, DELTA=delta)
-    # a contiguous W (out, in), A (r, in) and B (out, r)
-    return _compile(unload._unload_kernel, types, ce, unit=("stride_wn", "stride_an", "stride_br"),
-                    divisible=("w_ptr", "a_ptr", "b_ptr", "stats_ptr", "M", "N", "stride_wm", "stride_ar"),
-                    arch=arch, num_warps=num_warps)
+def _need_compiler() -> None:
+    if interpreting():
+        raise RuntimeError("ops.triton.aot compiles for a GPU: unset TRITON_INTERPRET (the interpreter replaces "
+                           "the compiler, and the launch helpers pick interpreter tiles under it)")
+
+
+def merge_launch(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rounding: str = "nearest") -> dict:
+    """What ``unload.merge_group_`` passes to ``_merge_kernel`` on a GPU for one group: its constexprs and
+    ``num_warps``, from the production helpers (``group_key``, ``tile_shape``, ``dot_precision``) applied to
+    meta tensors of the group's dtypes and rank. ``rounding`` is "nearest" or "stochastic" (an fp32/fp64 W
+    takes neither: its mode is 0)."""
+    _need_compiler()
+    w_t, f_t = _DTYPES[w], _DTYPES[factors]
+    layer = SimpleNamespace(weight=torch.empty(64, 64, dtype=w_t, device="meta"),
+                            lora_A=torch.empty(r, 64, dtype=f_t, device="meta"),
+                            lora_B=torch.empty(64, r, dtype=f_t, device="meta"), rounding=rounding)
+    w_dtype, a_dtype, b_dtype, mode, dot, block_r = unload.group_key(layer)
+    block_m, block_n, warps = unload.tile_shape(w_dtype, block_r)
+    factors_fp32, precision = unload.dot_precision(w_dtype, a_dtype, b_dtype)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(block_r, 16), DOT=dot, DOT_PRECISION=precision,
+                FACTORS_FP32=factors_fp32, ROUND=mode, SOFT_BF16=False, num_warps=warps)
+
+
+def compile_unload(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rounding: str = "nearest",
+                   write: bool = True, arch: int = 90):
+    """``_merge_kernel`` for one group as ``merge_group_`` launches it on a GPU: the constexprs of
+    :func:`merge_launch`, ``enable_fp_fusion=False``, and the launch's argument specialisation. The six tensor
+    arguments (table, coefficients, tile starts, flag, and the first layer's W, A, B) are fresh or weight
+    allocations: 16-byte aligned. ``n_layers`` is a runtime int (a group of one layer would specialise it to
+    the constant 1). ``write`` is how the launch passes ``int(write)``: Triton turns an int argument equal to 1
+    into the constant 1, so the writing pass (``write=True``) compiles with ``write`` a constexpr 1 and the check
+    pass (``write=False``) with a runtime i32 (0, with the divisible-by-16 hint). Both passes run on every
+    unload. Should the kernel take a ``WRITE`` constexpr instead, it is passed as one."""
+    _need_compiler()
+    meta = merge_launch(w=w, factors=factors, r=r, rounding=rounding)
+    warps = meta.pop("num_warps")
+    fn = unload._merge_kernel
+    compute = "fp64" if w == "fp64" else "fp32"
+    types = dict(table_ptr="*i64", coef_ptr="*" + compute, starts_ptr="*i64", flag_ptr="*i32", n_layers="i32",
+                 w_like="*" + w, a_like="*" + factors, b_like="*" + factors)
+    divisible = ["table_ptr", "coef_ptr", "starts_ptr", "flag_ptr", "w_like", "a_like", "b_like"]
+    if "WRITE" in fn.arg_names:
+        meta["WRITE"] = bool(write)
+    elif write:
+        meta["write"] = 1
+    else:
+        types["write"] = "i32"
+        divisible.append("write")
+    return _compile(fn, types, meta, unit=(), divisible=tuple(divisible), arch=arch, num_warps=warps,
+                    enable_fp_fusion=False)
+
+
+def compile_init(*, a: str = "fp32", arch: int = 90):
+    """``_init_kernel`` (the fresh lora_A draws) as ``init_lora_A_group_`` launches it on a GPU."""
+    _need_compiler()
+    types = dict(table_ptr="*i64", starts_ptr="*i64", n_layers="i32", a_like="*" + a)
+    return _compile(unload._init_kernel, types, dict(BLOCK_R=INIT_TILE[0], BLOCK_N=INIT_TILE[1], SOFT_BF16=False),
+                    unit=(), divisible=("table_ptr", "starts_ptr", "a_like"), arch=arch, num_warps=INIT_TILE[2])
 
 
 def compile_lora_matmul(*, x="bf16", adapters="fp32", lora=True, bias=False, block_m=128, block_n=256,
@@ -102,9 +151,87 @@ def _cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
 
 
-def resources(kernel, num_warps: int) -> dict:
-    """What the compiler gave a kernel: registers and stack per thread (from the cubin), shared memory,
-    16-byte global loads/stores in the SASS, MMA/TMA instructions, and the warps per SM those allow."""
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_ATOMIC = re.compile(r"^(?:ATOMG?|ATOMS|REDG?)\.")  # memory atomics/reductions (not REDUX: warp reductions)
+_FLOAT_TYPE = re.compile(r"\.(?:BF16|F16|F32|F64)(?:x2|_V2)?(?:\.|$)|\.FTZ(?:\.|$)|\.RN(?:\.|$)")
+_FLOAT_MATH = re.compile(r"^(?:FFMA|FMUL|FADD|DFMA|DMUL|DADD|HFMA2|HMUL2|HADD2)\b")
+
+
+def parse_sass(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode with modifiers, operands) of every SASS instruction in cuobjdump's listing."""
+    return [(int(a, 16), op, rest.strip()) for a, op, rest in _INSTRUCTION.findall(sass)]
+
+
+def _backward_branches(ins) -> list[tuple[int, int]]:
+    """(target, branch address) of each branch to an earlier address: the loops' back edges. A branch to itself
+    (the ``BRA .`` that pads the end of a kernel) is no loop."""
+    out = []
+    for addr, op, rest in ins:
+        hit = re.match(r"0x([0-9a-f]+)", rest) if op.split(".")[0] == "BRA" else None
+        if hit and int(hit.group(1), 16) < addr:
+            out.append((int(hit.group(1), 16), addr))
+    return out
+
+
+def tile_loop(ins, rank_trips: int = 1) -> dict:
+    """The SASS instructions one iteration of a kernel's persistent tile loop issues (per warp).
+
+    The loop is the backward branch spanning the most code (``tl.range`` over tiles, rotated by the compiler
+    so that its back edge is an unconditional ``BRA`` to the top); its body is every instruction from the
+    branch target to the branch, NOPs excluded. Loops nested in it count once each (the walk to the next
+    layer's row of the table normally runs its test once per tile) except those doing float arithmetic
+    (FFMA/FMUL/FADD/DFMA/...: the rank-1 FMA loop over r), which count ``rank_trips`` times. Out-of-line code the
+    body branches or calls to past its end (the 64-bit division subroutine, taken only for shapes over 2**32)
+    is not counted. A kernel with no backward branch counts whole (one tile per program)."""
+    loops = _backward_branches(ins)
+    if not loops:
+        body = [i for i in ins if not i[1].startswith("NOP") and not (i[1].startswith("BRA") and
+                                                                     i[2].startswith(hex(i[0])))]
+        return {"loop_instructions": len(body), "inner_loops": [], "loop_count": len(body), "persistent": False}
+    lo, hi = max(loops, key=lambda t: t[1] - t[0])
+    body = [i for i in ins if lo <= i[0] <= hi and not i[1].startswith("NOP")]
+    inner, extra = [], 0
+    for a, b in loops:
+        if (a, b) != (lo, hi) and lo <= a and b <= hi:
+            part = [i for i in body if a <= i[0] <= b]
+            fp = any(_FLOAT_MATH.match(i[1]) for i in part)
+            inner.append({"instructions": len(part), "float_math": fp})
+            extra += (rank_trips - 1) * len(part) if fp else 0
+    return {"loop_instructions": len(body), "inner_loops": inner, "loop_count": len(body) + extra,
+            "persistent": True}
+
+
+def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int) -> dict:
+    """Resident blocks per SM on sm_90 and what limits them: registers (65536 per SM, allocated per warp in
+    units of 256), shared memory (228 KiB per SM, 1 KiB of it reserved per block), threads (2048) and blocks
+    (32)."""
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    limits = {"registers": (REGISTERS_PER_SM // per_warp) // num_warps,
+              "shared": SHARED_PER_SM // (shared_bytes + SHARED_RESERVED_PER_BLOCK),
+              "threads": MAX_THREADS_PER_SM // (32 * num_warps), "blocks": MAX_BLOCKS_PER_SM}
+    limiter = min(limits, key=limits.get)
+    return {"blocks_per_sm": limits[limiter], "blocks_limited_by": limiter}
+
+
+def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | None = None,
+              rank_trips: int = 1) -> dict:
+    """What the compiler gave a kernel, read from its cubin (cuobjdump) and SASS:
+
+    - ``registers`` per thread, ``stack_bytes`` and ``local_bytes`` (a spill needs a stack), ``spill_stores``/
+      ``spill_loads`` (STL/LDL instructions), ``shared_bytes`` (Triton's dynamic shared memory);
+    - ``blocks_per_sm`` resident on sm_90 from those (see :func:`blocks_per_sm`), ``warps_per_sm``;
+    - ``float_atomics``: atomics/reductions to memory (ATOM, ATOMG, ATOMS, RED, REDG) with a float type
+      (.F16/.BF16/.F32/.F64, .FTZ, .RN), ``int_atomics`` the others, ``membar`` the MEMBAR fences,
+      ``loop_atomics`` the atomics inside the tile loop;
+    - 16-byte global accesses (``ldg128``/``stg128``) among all (``ldg``/``stg``), MMA (``hmma``/``hgmma``) and TMA
+      loads, layout conversions in the TTGIR, ``instructions`` in the whole kernel (NOPs excluded);
+    - with ``tile`` = (rows, columns) that one loop iteration handles: ``sass_per_element``, the SASS instructions
+      one iteration of the persistent tile loop issues (:func:`tile_loop`; ``rank_trips`` = the trip count of a
+      nested rank loop) divided by the elements each thread handles per iteration, rows * columns / threads. An
+      instruction is issued once per warp for its 32 threads, so this is issue slots per element: the number to
+      hold against the SM's ~4 issues per clock and the elements per clock that a streaming kernel needs.
+    """
+    num_warps = num_warps or kernel.metadata.num_warps
     out = {"shared_bytes": kernel.metadata.shared, "num_warps": num_warps}
     tool = _cuobjdump()
     if tool is None:
@@ -115,20 +242,53 @@ def resources(kernel, num_warps: int) -> dict:
             fh.write(kernel.asm["cubin"])
         usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
-    for key, field in (("registers", "REG"), ("stack_bytes", "STACK")):
-        hit = re.search(rf"{field}:(\d+)", usage)
+    for key, field in (("registers", "REG"), ("stack_bytes", "STACK"), ("local_bytes", "LOCAL")):
+        hit = re.search(rf"\b{field}:(\d+)", usage)
         out[key] = int(hit.group(1)) if hit else None
+    ins = parse_sass(sass)
+    ops = [op for _, op, _ in ins]
+
+    def count(pattern):
+        return sum(1 for op in ops if re.match(pattern, op))
+
+    atomics = [op for op in ops if _ATOMIC.match(op)]
+    loop = tile_loop(ins, rank_trips)
     out.update({
-        "ldg128": len(re.findall(r"\bLDG\.E\.(?:EL\.)?128", sass)), "ldg": len(re.findall(r"\bLDG\b", sass)),
-        "stg128": len(re.findall(r"\bSTG\.E\.(?:EL\.)?128", sass)), "stg": len(re.findall(r"\bSTG\b", sass)),
-        "hgmma": len(re.findall(r"\bHGMMA\b", sass)), "hmma": len(re.findall(r"\bHMMA\b", sass)),
-        "tma_loads": len(re.findall(r"\bUTMALDG\b", sass)), "sass_lines": len(sass.splitlines()),
+        "spill_stores": count(r"STL\b"), "spill_loads": count(r"LDL\b"),
+        "float_atomics": sum(1 for op in atomics if _FLOAT_TYPE.search(op)),
+        "int_atomics": sum(1 for op in atomics if not _FLOAT_TYPE.search(op)),
+        "membar": count(r"MEMBAR\b"),
+        "ldg128": count(r"LDG\.E\.(?:EL\.)?128\b"), "ldg": count(r"LDG\b"),
+        "stg128": count(r"STG\.E\.(?:EL\.)?128\b"), "stg": count(r"STG\b"),
+        "hgmma": count(r"HGMMA\b"), "hmma": count(r"HMMA\b"), "tma_loads": count(r"UTMALDG\b"),
+        "bar_sync": count(r"BAR\.SYNC"), "instructions": sum(1 for op in ops if not op.startswith("NOP")),
         "layout_conversions": kernel.asm["ttgir"].count("convert_layout"),
+        "loop_instructions": loop["loop_instructions"], "inner_loops": loop["inner_loops"],
     })
-    if out["registers"]:
-        # registers are allocated per warp in units of 256 (8 per thread)
-        per_warp = -(-out["registers"] // 8) * 8 * 32
-        blocks = min(REGISTERS_PER_SM // (per_warp * num_warps), MAX_WARPS_PER_SM // num_warps,
-                     SHARED_PER_SM // max(out["shared_bytes"] + 1024, 1))  # ~1 KiB reserved per block
-        out["warps_per_sm"] = blocks * num_warps
+    if loop["persistent"]:
+        lo, hi = max(_backward_branches(ins), key=lambda t: t[1] - t[0])
+        out["loop_atomics"] = sum(1 for a, op, _ in ins if lo <= a <= hi and _ATOMIC.match(op))
+    if tile is not None:
+        out["sass_per_element"] = loop["loop_count"] / (tile[0] * tile[1] / (32 * num_warps))
+    if out["registers"] is not None:
+        out.update(blocks_per_sm(out["registers"], num_warps, out["shared_bytes"]))
+        out["warps_per_sm"] = out["blocks_per_sm"] * num_warps
     return out
+
+
+def unload_resources(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rounding: str = "nearest",
+                     write: bool = True, arch: int = 90) -> dict:
+    """:func:`resources` of one production merge variant (:func:`compile_unload`), with its launch
+    (``meta``: tile, rank, dot, rounding mode) and the instructions per element of its tile loop; the rank-1
+    FMA loop (no dot) runs ``r`` times per tile."""
+    meta = merge_launch(w=w, factors=factors, r=r, rounding=rounding)
+    kernel = compile_unload(w=w, factors=factors, r=r, rounding=rounding, write=write, arch=arch)
+    got = resources(kernel, meta["num_warps"], tile=(meta["BLOCK_M"], meta["BLOCK_N"]),
+                    rank_trips=1 if meta["DOT"] else r)
+    got["meta"] = meta
+    return got
+
+
+def init_resources(*, a: str = "fp32", arch: int = 90) -> dict:
+    """:func:`resources` of the fresh-A kernel (one tile per program: the whole kernel counts)."""
+    return resources(compile_init(a=a, arch=arch), INIT_TILE[2], tile=INIT_TILE[:2])

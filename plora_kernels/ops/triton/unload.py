@@ -21,6 +21,7 @@ compute the same values bit for bit.
 from __future__ import annotations
 
 import functools
+import struct
 from typing import Sequence
 
 import torch
@@ -86,7 +87,7 @@ def _to_stochastic(v, bits16, DTYPE: tl.constexpr):
         e = tl.maximum(mag >> 23, 113)
         up = ((280 - e) << 23).to(tl.float32, bitcast=True)
         down = ((e - 10) << 23).to(tl.float32, bitcast=True)
-        fixed = (tl.abs(v) * up).to(tl.int32)
+        fixed = tl.where(e == 255, 0.0, tl.abs(v) * up).to(tl.int32)  # no NaN -> int cast
         out = ((fixed + carry.to(tl.int32)) >> 16).to(tl.float32) * down
         out = tl.where(e == 255, tl.abs(v), out)
         return tl.where(sign != 0, -out, out).to(DTYPE)
@@ -344,7 +345,7 @@ def init_lora_A_group_(lora_As: Sequence[torch.Tensor], seeds: Sequence[int]) ->
     starts, rows = [0], []
     for a, seed in zip(lora_As, seeds):
         R, N = a.shape
-        bound = torch.tensor(streams.init_bound(N), dtype=torch.float64).view(torch.int64).item()
+        bound = struct.unpack("<q", struct.pack("<d", streams.init_bound(N)))[0]  # the fp64 bits, as int64
         rows.append([a.data_ptr(), R, N, a.stride(0), a.stride(1), seed, bound])
         starts.append(starts[-1] + triton.cdiv(R, block_r) * triton.cdiv(N, block_n))
     if starts[-1] == 0:
