@@ -6,7 +6,9 @@ keyed by the source, the flags and the nvcc version (``~/.cache/plora_kernels/un
 ``$PLORA_CSRC_CACHE``), so an edited source is always recompiled. ``$PLORA_CSRC_LIB`` names a prebuilt library to
 use instead; without nvcc, a cached build of the current source is used if there is one.
 
-``merge_`` has exactly the contract of ``plora_kernels.ops.triton.unload.merge_`` (CUDA tensors);
+``merge_`` is one layer's pass of the merge engine (``ops.merge``) on CUDA tensors: the check pass
+(``write=False``) or the writing pass, with the values, the rounding and the random stream of the Triton kernel
+``ops.triton.unload.merge_group_`` (its rank-1 path, r < 16) and of ``ops.reference.merge_value``.
 ``merge_host_`` runs the same element math on CPU tensors through the library's host entry point, which is how
 machines without a GPU test it.
 """
@@ -16,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import operator
 import os
 import shutil
 import subprocess
@@ -30,7 +33,7 @@ _HERE = Path(__file__).resolve()
 SOURCE = next((p for p in (_HERE.parents[2] / "csrc" / "plora_unload.cu", _HERE.parents[1] / "_csrc" / "plora_unload.cu")
                if p.is_file()), _HERE.parents[2] / "csrc" / "plora_unload.cu")
 LIB_NAME = "libplora_unload.so"
-ABI_VERSION = 3
+ABI_VERSION = 4
 ARCHS = ("80", "90")
 FLAGS = (
     "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17",
@@ -154,12 +157,12 @@ def _load(path: str) -> ctypes.CDLL:
     lib.plora_unload_abi_version.restype = _INT
     if lib.plora_unload_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path}: ABI version {lib.plora_unload_abi_version()}, expected {ABI_VERSION}")
-    lib.plora_unload_launch.argtypes = [*_COMMON, _P]
+    lib.plora_unload_launch.argtypes = [*_COMMON, _INT, _P]
     lib.plora_unload_launch.restype = _INT
     lib.plora_unload_host.argtypes = list(_COMMON)
     lib.plora_unload_host.restype = _INT
-    lib.plora_sr_uniform_host.argtypes = [_U64, ctypes.c_uint32, ctypes.c_uint32, _I64, _P]
-    lib.plora_sr_uniform_host.restype = _INT
+    lib.plora_rounding_bits_host.argtypes = [_U64, ctypes.c_uint32, ctypes.c_uint32, _I64, _P]
+    lib.plora_rounding_bits_host.restype = _INT
     lib.plora_unload_error_string.argtypes = [_INT]
     lib.plora_unload_error_string.restype = ctypes.c_char_p
     return lib
@@ -177,12 +180,20 @@ def _check(lib: ctypes.CDLL, code: int, what: str) -> None:
                            f"{lib.plora_unload_error_string(code).decode()}")
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, device_type):
+    """The C arguments (all but the launcher's sm_count and stream) and the zeroed flag they point to."""
     for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise TypeError(f"{name} must be a 2-D tensor")
+            raise TypeError(f"{name} must be a 2-D tensor, got "
+                            f"{f'{t.dim()}-D' if isinstance(t, torch.Tensor) else type(t).__name__}")
         if t.dtype not in _DTYPE_CODE:
-            raise TypeError(f"the CUDA unload kernel takes fp16/bf16/fp32 tensors, got {name} of {t.dtype}")
+            raise TypeError(f"the CUDA unload kernel takes fp16/bf16/fp32 tensors, got {name} of {t.dtype} "
+                            "(fp64 merges run on the Triton kernel)")
         if t.device.type != device_type:
             raise ValueError(f"{name} must be on a {device_type} device, got {t.device}")
     if lora_A.device != weight.device or lora_B.device != weight.device:
@@ -195,51 +206,63 @@ def _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, devic
                          f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}")
     if rounding not in _ROUNDING:
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    stats = torch.zeros(1, dtype=torch.float32, device=weight.device)
+    if not isinstance(write, (bool, int)):
+        raise TypeError(f"write must be a bool, got {type(write).__name__}")
+    try:
+        seed, row_offset = operator.index(seed), operator.index(row_offset)
+    except TypeError:
+        raise TypeError(f"seed and row_offset must be ints, got {type(seed).__name__} and "
+                        f"{type(row_offset).__name__}") from None
+    if not 0 <= row_offset < 2**32:
+        raise ValueError(f"row_offset must be in [0, 2**32) (the stream's row counter), got {row_offset}")
+    flag = torch.zeros(1, dtype=torch.int32, device=weight.device)
     return [
         weight.data_ptr(), _DTYPE_CODE[weight.dtype], lora_A.data_ptr(), _DTYPE_CODE[lora_A.dtype],
-        lora_B.data_ptr(), _DTYPE_CODE[lora_B.dtype], stats.data_ptr(), M, N, R,
+        lora_B.data_ptr(), _DTYPE_CODE[lora_B.dtype], flag.data_ptr(), M, N, R,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        float(coef), int(seed) & 0xFFFFFFFFFFFFFFFF,  # Triton widens its seed to uint64 (sign-extending)
-        int(row_offset) & 0xFFFFFFFF,  # the stream counts the full weight's rows
+        float(coef),  # rounded to fp32 by ctypes, as the reference and the Triton kernel round it
+        seed & 0xFFFFFFFFFFFFFFFF,  # the Philox key's two words, as ops.streams splits it
+        row_offset,  # the stream counts the full weight's rows
         _ROUNDING[rounding], 1 if write else 0,
-    ], stats
+    ], flag
 
 
 def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coef: float, rounding: str,
            seed: int, *, write: bool, row_offset: int = 0) -> torch.Tensor:
-    """W <- round(W + coef B A) in place on CUDA tensors (or a dry run when ``write`` is False).
+    """One pass of W <- round(W + coef B A) on CUDA tensors, on the current stream of W's device.
 
-    Same contract as the Triton ``merge_``: returns a 1-element fp32 tensor on W's device holding max |new W|,
-    or +inf if any new value is not finite in W's dtype; the stochastic stream is the Triton kernel's
-    (``sr_uniform``: Philox4x32-10, counter (j // 8, row), 16 bits per element), so the same seed gives the
-    same W. Runs on the current stream of W's device. Checks beyond shapes, dtypes
-    and devices are the caller's job (see ops.unload).
+    ``write=False`` is the check pass: nothing is written, and the returned int32 tensor of shape (1,) on W's
+    device holds 1 if some merged value is not finite in W's dtype (overflow, a non-finite value already in W,
+    a non-finite factor), else 0. ``write=True`` merges in place and returns a zero flag. The values are those of
+    ``ops.reference.merge_value`` and of the Triton kernel's rank-1 path: B A summed over k in order in fp32, one
+    rounding (nearest-even, or stochastic with ``ops.streams.rounding_bits`` of ``seed``; none for fp32 W);
+    ``row_offset``: W is rows [row_offset, ...) of a larger weight, whose random numbers those rows take.
+    W, A and B are fp16/bf16/fp32 with any strides (fp64 raises TypeError: ops.merge sends it to Triton).
     """
-    args, stats = _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, "cuda")
+    args, flag = _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, "cuda")
     lib = library()
     if weight.numel() == 0:
-        return stats
+        return flag
     with torch.cuda.device(weight.device):
         stream = torch.cuda.current_stream(weight.device).cuda_stream
-        _check(lib, lib.plora_unload_launch(*args, stream), "kernel launch")
-    return stats
+        _check(lib, lib.plora_unload_launch(*args, _sm_count(weight.device.index), stream), "kernel launch")
+    return flag
 
 
 def merge_host_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coef: float, rounding: str,
                 seed: int, *, write: bool, row_offset: int = 0) -> torch.Tensor:
-    """The same merge on CPU tensors through the library's host loop (identical element math; for tests)."""
-    args, stats = _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, "cpu")
+    """:func:`merge_` on CPU tensors through the library's host loop (the kernel's element math; for tests)."""
+    args, flag = _args(weight, lora_A, lora_B, coef, rounding, seed, write, row_offset, "cpu")
     lib = library()
     _check(lib, lib.plora_unload_host(*args), "host merge")
-    return stats
+    return flag
 
 
-def sr_uniform_host(seed: int, row: int, col0: int, n: int) -> torch.Tensor:
-    """The stochastic-rounding uniforms of columns col0 .. col0 + n - 1 of row ``row`` of a full weight, as the
-    library computes them (host), for tests."""
-    out = torch.empty(n, dtype=torch.float32)
+def rounding_bits_host(seed: int, row: int, col0: int, n: int) -> torch.Tensor:
+    """The 16 stochastic-rounding bits (int32 in [0, 2**16)) of columns col0 .. col0 + n - 1 of row ``row`` of a
+    full weight, as the library computes them (host), for tests against ``ops.streams.rounding_bits``."""
+    out = torch.full((n,), -1, dtype=torch.int32)
     lib = library()
-    _check(lib, lib.plora_sr_uniform_host(int(seed) & 0xFFFFFFFFFFFFFFFF, row & 0xFFFFFFFF, col0 & 0xFFFFFFFF, n,
-                                          out.data_ptr()), "sr_uniform_host")
+    _check(lib, lib.plora_rounding_bits_host(int(seed) & 0xFFFFFFFFFFFFFFFF, row & 0xFFFFFFFF, col0 & 0xFFFFFFFF,
+                                             n, out.data_ptr()), "rounding_bits_host")
     return out

@@ -1,10 +1,13 @@
 """Compile the Triton kernels ahead of time for a GPU architecture, on any machine (no GPU needed), and read
-what the compiler gave each variant: registers, spills, shared memory, vector widths, MMA and TMA use.
+what the compiler gave each variant: registers, spills, shared memory, resident blocks per SM, atomics, vector
+widths, MMA and TMA use, and the SASS instructions per element of the unload merge's tile loop.
 
 This is how the kernels are checked for sm_90/sm_80 in CI (tests/test_kernels_compile.py) and how tile
 choices are reasoned about between GPU sessions (benchmarks/kernel_resources.py). Launches specialise their
-arguments (unit strides become constants, 16-divisible sizes and pointers get a divisibility hint), so the
-compiles here do the same: without it no access would be vectorised and the counts would mislead.
+arguments (an int equal to 1 becomes the constant 1, 16-divisible ints and 16-byte aligned pointers get a
+divisibility hint), so the compiles here do the same: without it no access would be vectorised and the
+counts would mislead. The merge is compiled from the production launch helpers of ``unload`` (tile, dot
+precision, rounding mode), so what is checked here is what a GPU runs.
 
 Must run without TRITON_INTERPRET (the interpreter replaces the compiler).
 """
@@ -59,7 +62,7 @@ def merge_launch(*, w: str = "bf16", factors: str = "fp32", r: int = 16, roundin
     """What ``unload.merge_group_`` passes to ``_merge_kernel`` on a GPU for one group: its constexprs and
     ``num_warps``, from the production helpers (``group_key``, ``tile_shape``, ``dot_precision``) applied to
     meta tensors of the group's dtypes and rank. ``rounding`` is "nearest" or "stochastic" (an fp32/fp64 W
-    takes neither: its mode is 0)."""
+    takes neither: its mode is 0). The dict is built as ``merge_group_`` builds its ``meta``; keep them alike."""
     _need_compiler()
     w_t, f_t = _DTYPES[w], _DTYPES[factors]
     layer = SimpleNamespace(weight=torch.empty(64, 64, dtype=w_t, device="meta"),
@@ -75,8 +78,8 @@ def merge_launch(*, w: str = "bf16", factors: str = "fp32", r: int = 16, roundin
 def compile_unload(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rounding: str = "nearest",
                    write: bool = True, arch: int = 90):
     """``_merge_kernel`` for one group as ``merge_group_`` launches it on a GPU: the constexprs of
-    :func:`merge_launch`, ``enable_fp_fusion=False``, and the launch's argument specialisation. The six tensor
-    arguments (table, coefficients, tile starts, flag, and the first layer's W, A, B) are fresh or weight
+    :func:`merge_launch`, ``enable_fp_fusion=False``, and the launch's argument specialisation. The seven
+    tensor arguments (table, coefficients, tile starts, flag, and the first layer's W, A, B) are fresh or weight
     allocations: 16-byte aligned. ``n_layers`` is a runtime int (a group of one layer would specialise it to
     the constant 1). ``write`` is how the launch passes ``int(write)``: Triton turns an int argument equal to 1
     into the constant 1, so the writing pass (``write=True``) compiles with ``write`` a constexpr 1 and the check
@@ -173,7 +176,7 @@ def _backward_branches(ins) -> list[tuple[int, int]]:
     return out
 
 
-def tile_loop(ins, rank_trips: int = 1) -> dict:
+def tile_loop(ins, rank_trips: int = 1, persistent: bool = True) -> dict:
     """The SASS instructions one iteration of a kernel's persistent tile loop issues (per warp).
 
     The loop is the backward branch spanning the most code (``tl.range`` over tiles, rotated by the compiler
@@ -182,9 +185,10 @@ def tile_loop(ins, rank_trips: int = 1) -> dict:
     layer's row of the table normally runs its test once per tile) except those doing float arithmetic
     (FFMA/FMUL/FADD/DFMA/...: the rank-1 FMA loop over r), which count ``rank_trips`` times. Out-of-line code the
     body branches or calls to past its end (the 64-bit division subroutine, taken only for shapes over 2**32)
-    is not counted. A kernel with no backward branch counts whole (one tile per program)."""
+    is not counted. A kernel that is not persistent (``persistent=False``: one tile per program), or has no
+    backward branch, counts whole, NOPs excluded, its loops once each."""
     loops = _backward_branches(ins)
-    if not loops:
+    if not loops or not persistent:
         body = [i for i in ins if not i[1].startswith("NOP") and not (i[1].startswith("BRA") and
                                                                      i[2].startswith(hex(i[0])))]
         return {"loop_instructions": len(body), "inner_loops": [], "loop_count": len(body), "persistent": False}
@@ -214,7 +218,7 @@ def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int) -> dict:
 
 
 def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | None = None,
-              rank_trips: int = 1) -> dict:
+              rank_trips: int = 1, persistent: bool = True) -> dict:
     """What the compiler gave a kernel, read from its cubin (cuobjdump) and SASS:
 
     - ``registers`` per thread, ``stack_bytes`` and ``local_bytes`` (a spill needs a stack), ``spill_stores``/
@@ -227,7 +231,7 @@ def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | N
       loads, layout conversions in the TTGIR, ``instructions`` in the whole kernel (NOPs excluded);
     - with ``tile`` = (rows, columns) that one loop iteration handles: ``sass_per_element``, the SASS instructions
       one iteration of the persistent tile loop issues (:func:`tile_loop`; ``rank_trips`` = the trip count of a
-      nested rank loop) divided by the elements each thread handles per iteration, rows * columns / threads. An
+      nested rank loop; ``persistent=False``: the whole kernel, one tile per program) divided by the elements each thread handles per iteration, rows * columns / threads. An
       instruction is issued once per warp for its 32 threads, so this is issue slots per element: the number to
       hold against the SM's ~4 issues per clock and the elements per clock that a streaming kernel needs.
     """
@@ -252,7 +256,7 @@ def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | N
         return sum(1 for op in ops if re.match(pattern, op))
 
     atomics = [op for op in ops if _ATOMIC.match(op)]
-    loop = tile_loop(ins, rank_trips)
+    loop = tile_loop(ins, rank_trips, persistent)
     out.update({
         "spill_stores": count(r"STL\b"), "spill_loads": count(r"LDL\b"),
         "float_atomics": sum(1 for op in atomics if _FLOAT_TYPE.search(op)),
@@ -265,7 +269,7 @@ def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | N
         "layout_conversions": kernel.asm["ttgir"].count("convert_layout"),
         "loop_instructions": loop["loop_instructions"], "inner_loops": loop["inner_loops"],
     })
-    if loop["persistent"]:
+    if loop["persistent"]:  # the atomics must sit after the loop: one per program, not one per tile
         lo, hi = max(_backward_branches(ins), key=lambda t: t[1] - t[0])
         out["loop_atomics"] = sum(1 for a, op, _ in ins if lo <= a <= hi and _ATOMIC.match(op))
     if tile is not None:
@@ -291,4 +295,4 @@ def unload_resources(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rou
 
 def init_resources(*, a: str = "fp32", arch: int = 90) -> dict:
     """:func:`resources` of the fresh-A kernel (one tile per program: the whole kernel counts)."""
-    return resources(compile_init(a=a, arch=arch), INIT_TILE[2], tile=INIT_TILE[:2])
+    return resources(compile_init(a=a, arch=arch), INIT_TILE[2], tile=INIT_TILE[:2], persistent=False)
