@@ -46,6 +46,23 @@ def _uniq(seq):
     return out
 
 
+def _value(t) -> str:
+    """A target's value as its record words it (newer records), else the number."""
+    return t.get("value_text") or _f(t.get("value"), ".3f")
+
+
+def _met(t) -> str:
+    met = t.get("met")
+    return "not measured" if met is None else ("met" if met else "NOT met")
+
+
+def _bytes(n) -> str:
+    """Bytes for a memory column: KiB below 1 MiB (a table or a flag), MiB above."""
+    if n is None:
+        return "-"
+    return f"{n / 2**10:.1f} KiB" if abs(n) < 2**20 else f"{n / 2**20:.1f} MiB"
+
+
 def _span(values):
     lo, hi = min(values), max(values)
     return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}"
@@ -104,11 +121,12 @@ def _header(rec, output_dir: Path) -> list[str]:
         lines.append(f"- **timing**: {', '.join(timer) or '?'} median (p20/p80 in the record) over "
                      f"{cfg.get('iters', '?')} steps after {cfg.get('warmup', '?')} warm-up steps; {shape}")
     lines.append(f"- **record**: `{os.path.relpath(rec['_path'], output_dir)}`")
+    if rec.get("complete") is False:
+        lines.append("- **incomplete run**: it was cut off (time limit or signal); below is what it measured")
     for note in rec.get("notes", []):
         lines.append(f"- {note}")
     for t in rec.get("targets", []):
-        lines.append(f"- **target** {t.get('what')}: {_f(t.get('value'), '.3f')} (target {t.get('target')}) — "
-                     f"{'met' if t.get('met') else 'NOT met'}")
+        lines.append(f"- **target** {t.get('what')}: {_value(t)} (target {t.get('target')}) — {_met(t)}")
     lines.append("")
     return lines
 
@@ -176,7 +194,9 @@ def _sweep_table(rows) -> list[str]:
             _table(["W (out x in)", "r", "W", "A,B", "variant", "median ms", "% copy"], body), ""]
 
 
-def _unload_tables(rec) -> list[str]:
+def _unload_tables_v1(rec) -> list[str]:
+    """Records of the earlier unload engine (schema 1: a cached max|W| bound, ``merge_`` rows of the raw kernel,
+    ``--sweep`` ablations), rendered as they were."""
     sweep = [r for r in rec["results"] if r["contender"].startswith("sweep ")]
     rows = [r for r in rec["results"] if not r["contender"].startswith("sweep ")]
     contenders = [c for c in _uniq(r["contender"] for r in rows)
@@ -206,7 +226,9 @@ def _unload_tables(rec) -> list[str]:
         body.append(cells)
         mem_body.append(mem)
     copy_gbps = [r.get("gbps") for r in rows if r["contender"] == "copy" and r.get("gbps")]
-    out = ["**time and bandwidth** (bytes moved = 2·|W|·itemsize; % of the copy row measured in the same run"
+    out = ["*Earlier unload engine (schema 1): `unload_` bounded the merge with a cached max|W|, `merge_` was "
+           "the raw Triton kernel with a max|W| report; the current engine's rows have other names.*", "",
+           "**time and bandwidth** (bytes moved = 2·|W|·itemsize; % of the copy row measured in the same run"
            + (f"; device copy measured at {_span(copy_gbps)} GB/s" if copy_gbps else "")
            + ")", "", _table(head, body), ""]
     if any_mem:
@@ -221,6 +243,147 @@ def _unload_tables(rec) -> list[str]:
     if skipped or any(r.get("error") for r in rows):
         out.append("")
     return out + (_sweep_table(sweep) if sweep else [])
+
+def _unload_tables(rec) -> list[str]:
+    if rec.get("schema", 1) < 2:
+        return _unload_tables_v1(rec)
+    return _unload_tables_v2(rec)
+
+
+def _ms_pct(r) -> str:
+    if r is None:
+        return "-"
+    if r.get("skipped"):
+        return "skipped"
+    if r.get("median_ms") is None:
+        return "error"
+    return f"{_f(r['median_ms'], '.4f')} ({_f(r.get('pct_copy'), '.1f')}%)"
+
+
+def _where(r) -> str:
+    if r.get("scope") == "model":
+        return f"{r.get('model')} model"
+    return f"{r['out']}x{r['in']} r={r['r']} {r['dtype']} W, {r.get('factor_dtype')} factors"
+
+
+def _unload_tables_v2(rec) -> list[str]:
+    """One table per W config, the contenders down, bf16 and fp32 factors side by side; then the whole-model
+    unload; then skips and errors."""
+    rows = rec["results"]
+    layer = [r for r in rows if r.get("scope", "layer") == "layer"]
+    model = [r for r in rows if r.get("scope") == "model"]
+    order = list(rec.get("config", {}).get("contenders") or _uniq(r["contender"] for r in layer))
+    order += [c for c in _uniq(r["contender"] for r in layer) if c not in order]
+    out = ["% copy = the copy row's time over the row's time (the rate at which W is merged, as a share of the "
+           "device copy bandwidth of the same run); floor = the least traffic in passes over W (a check reads W: "
+           "0.5; `unload_` checks, then writes: 1.5), % floor = the floor's time over the row's time; × peft and "
+           "× safe = the peft and peft safe_merge rows' times over the row's time; peak extra = "
+           "max_memory_allocated during one call minus the allocation before it (CUDA only).", ""]
+    for cfg in _uniq((r["out"], r["in"], r["r"], r["dtype"]) for r in layer):
+        sub = [r for r in layer if (r["out"], r["in"], r["r"], r["dtype"]) == cfg]
+        fdts = _uniq(r.get("factor_dtype") for r in sub)
+        copies = [r for r in sub if r["contender"] == "copy" and r.get("median_ms")]
+        copy_txt = "; ".join(f"{r['median_ms']:.4f} ms = {_f(r.get('gbps'), '.0f')} GB/s in the {r['factor_dtype']}"
+                             "-factor run" for r in copies)
+        head = ["contender", "impl", "floor"]
+        for f in fdts:
+            head += [f"{f} factors: ms (% copy)", "% floor", "× peft / × safe", "peak extra"]
+        body = []
+        for c in order:
+            by = {r.get("factor_dtype"): r for r in sub if r["contender"] == c}
+            if not by:
+                continue
+            any_row = next(iter(by.values()))
+            impl = _uniq(r.get("impl") for r in by.values() if r.get("impl"))
+            cells = [c, ", ".join(impl) or "-", _f(any_row.get("passes"), "g")]
+            for f in fdts:
+                r = by.get(f)
+                peak = None if r is None else r.get("peak_extra_bytes")
+                ratios = "-" if r is None or r.get("x_vs_peft") is None else \
+                    f"{_f(r.get('x_vs_peft'), '.2f')} / {_f(r.get('x_vs_safe_merge'), '.2f')}"
+                cells += [_ms_pct(r), _f(None if r is None else r.get("pct_floor"), ".1f"), ratios, _bytes(peak)]
+            body.append(cells)
+        out += [f"**W {cfg[0]} x {cfg[1]}, r={cfg[2]}, {cfg[3]} W** (device copy of W: {copy_txt or 'not measured'})",
+                "", _table(head, body), ""]
+    if model:
+        m0 = model[0]
+        shapes = ", ".join(f"{n}× {o}x{i}" for o, i, n in m0.get("shapes", []))
+        out += [f"**whole-model unload**: `unload_many_` over the {m0['layers']} targeted layers of the "
+                f"`{m0['model']}` config ({shapes}; {m0['w_bytes'] / 1e9:.2f} GB of {m0['dtype']} W, "
+                f"{m0['factor_dtype']} factors, r={m0['r']}, {m0['rounding']} rounding), timed per call; floor = "
+                "1.5 passes over every W at the copy bandwidth of this run; peak extra = max_memory_allocated during "
+                "one call minus the allocation before it", ""]
+        body = []
+        for r in model:
+            body.append([r["contender"], r.get("impl", "-"),
+                         "skipped" if r.get("skipped") else "error" if r.get("median_ms") is None else
+                         f"{r['median_ms']:.3f} ({_f(r.get('p20_ms'), '.3f')}–{_f(r.get('p80_ms'), '.3f')})",
+                         _f(r.get("floor_ms"), ".3f"), _f(r.get("pct_floor"), ".1f"),
+                         _f(r.get("pct_of_step"), ".2f"), _bytes(r.get("peak_extra_bytes"))])
+        out += [_table(["contender", "impl", "ms (p20–p80)", "floor ms", "% floor", "% of a step", "peak extra"],
+                       body), ""]
+        train = rec.get("config", {}).get("train_step")
+        if train:
+            out += [f"% of a step: against the {train['step_ms']:.1f} ms step of {train['contender']} in "
+                    f"`{train['record']}`" + (" (joined by make_report)" if train.get("joined") else "")
+                    + " — the fastest PLoRA step of that record.", ""]
+        else:
+            out += ["% of a step: no `plora bench train` record of this device, model size, rank and dtype.", ""]
+    notes = _uniq((r["contender"], f"skipped ({r['skipped']})") for r in rows if r.get("skipped"))
+    notes += [(f"{r['contender']} ({_where(r)})", f"error: `{r['error']}`") for r in rows if r.get("error")]
+    notes += [(r["contender"], r["note"]) for r in rows if r.get("note")]
+    if notes:
+        out += [f"- {c}: {why}" for c, why in notes] + [""]
+    return out
+
+
+# ----------------------------------------------------------------------------- joins across records
+def _train_step(train_records, env, size, r, dtype):
+    """The newest train record of this device, model size, rank and dtype, and its fastest PLoRA step."""
+    for rec in train_records:  # newest first
+        e, cfg = rec["environment"], rec.get("config", {})
+        if (e.get("device_type"), e.get("device_name")) != (env.get("device_type"), env.get("device_name")):
+            continue
+        if (cfg.get("size"), cfg.get("r"), cfg.get("dtype")) != (size, r, dtype):
+            continue
+        steps = [(row["median_ms"], row["contender"]) for row in rec["results"]
+                 if str(row.get("contender", "")).startswith("plora") and row.get("status") == "ok"
+                 and row.get("median_ms")]
+        if steps:
+            ms, who = min(steps)
+            return {"record": rec["_path"].name, "timestamp_utc": e.get("timestamp_utc", ""), "step_ms": ms,
+                    "contender": who, "joined": True}
+    return None
+
+
+def join_train(records) -> None:
+    """Unload records whose run found no train record get the newest matching one's step (in memory): the model
+    rows' share of a step and their targets. The record's own join, when it has one, is kept."""
+    trains = [r for r in records if r.get("benchmark") == "train"]
+    for rec in records:
+        if rec.get("benchmark") != "unload" or rec.get("schema", 1) < 2:
+            continue
+        model = [r for r in rec["results"] if r.get("scope") == "model"]
+        if not model or rec.get("config", {}).get("train_step"):
+            continue
+        m0 = model[0]
+        train = _train_step(trains, rec["environment"], m0.get("model"), m0.get("r"), m0.get("dtype"))
+        if train is None:
+            continue
+        rec.setdefault("config", {})["train_step"] = train
+        for r in model:
+            if r.get("median_ms"):
+                r["step_ms"] = train["step_ms"]
+                r["pct_of_step"] = 100.0 * r["median_ms"] / train["step_ms"]
+        for t in rec.get("targets", []):
+            row = next((r for r in model if r["contender"] == t.get("contender")), None)
+            if t.get("id") == "model_pct_of_step" and t.get("met") is None and row and row.get("pct_of_step"):
+                goal = t.get("target", "< 3% of a step")
+                limit = float(goal.split("%")[0].lstrip("< ")) if goal.startswith("<") else 3.0
+                t.update(value=row["pct_of_step"], met=row["pct_of_step"] < limit,
+                         value_text=f"{row['pct_of_step']:.2f}% ({row['median_ms']:.3f} ms of a "
+                                    f"{train['step_ms']:.1f} ms {train['contender']} step, {train['record']}; "
+                                    "joined by make_report)")
 
 
 # ------------------------------------------------------------------------------------------- generic
@@ -267,6 +430,7 @@ def render_record(rec, output_dir: Path) -> list[str]:
 
 
 def render(records, problems, output_dir: Path) -> str:
+    join_train(records)
     static = [r for r in records if r.get("benchmark") == "kernels"]
     gpu = [r for r in records if _is_gpu(r)]
     cpu = [r for r in records if not _is_gpu(r) and r.get("benchmark") != "kernels"]
@@ -278,31 +442,42 @@ def render(records, problems, output_dir: Path) -> str:
         "",
         "Generated by `python benchmarks/make_report.py` from the JSON records in `benchmarks/results/`; every "
         "number below is copied from a record, none is typed in. Record a run on a CUDA machine with "
-        "`plora bench linear` and `plora bench unload` (add `--quick` for the target shape only), then rerun "
-        "the script.",
+        "`plora bench linear`, `plora bench unload` (add `--quick` for the target shapes only) and "
+        "`plora bench train`, then rerun the script.",
         "",
         "Method (DESIGN §5): `triton.testing.do_bench` median with warm-up and the L2 cache flushed before "
         "each timed call, random data, every contender timed in the same process. Ratios are against "
-        "contenders measured in the same run. Targets at M=8192, in=out=4096, r=16, bf16: forward ≤ 1.05× the "
-        "base GEMM, forward+backward ≤ 1.08×; unload ≥ 85% of device copy bandwidth with no W-sized "
-        "temporary (8192×8192, r=16, bf16).",
+        "contenders measured in the same run. Targets: the linear at M=8192, in=out=4096, r=16, bf16: forward "
+        "≤ 1.05× the base GEMM, forward+backward ≤ 1.08×. The unload at 8192×8192, r=16, bf16 W (#12): the "
+        "public guarded `unload_` (check pass + writing pass + reset) ≥ 55% of the device copy bandwidth (its "
+        "floor, 1.5 passes over W, is 66.7%), ≥ 1.5× faster than PEFT's `W += (B @ A * s).to(W.dtype)` and "
+        "≥ 3× faster than PEFT's safe_merge, with no W-sized temporary; the whole-model unload (the 112 targeted "
+        "layers of the 1b config) < 3% of a training step. A training step comes from the newest "
+        "`plora bench train` record of the same device, model size, rank and dtype.",
         "",
         "## GPU runs",
         "",
     ]
+    latest: dict = {}
+    for r in gpu:  # newest first
+        latest.setdefault(r.get("benchmark"), r)
+    earlier = [r for r in gpu if latest.get(r.get("benchmark")) is not r]
     if not gpu:
         lines += ["No GPU run has been recorded yet: there are no numbers for the kernels on a GPU.", ""]
     else:
-        latest = {}
-        for r in gpu:
-            latest.setdefault(r.get("benchmark"), r)
-        summary = [[name, rec["environment"].get("device_name", "?"), t.get("what"), _f(t.get("value"), ".3f"),
-                    t.get("target"), "met" if t.get("met") else "NOT met"]
-                   for name, rec in latest.items() for t in rec.get("targets", [])]
+        summary = [[name, rec["environment"].get("device_name", "?"), t.get("what"), _value(t), t.get("target"),
+                    _met(t)] for name, rec in latest.items() for t in rec.get("targets", [])]
         if summary:
             lines += ["Targets in the latest GPU run of each benchmark:", "",
                       _table(["benchmark", "device", "measure", "value", "target", ""], summary), ""]
-        for rec in gpu:
+        lines += ["The latest GPU run of each benchmark:", ""]
+        for rec in latest.values():
+            lines += render_record(rec, output_dir)
+    if earlier:
+        lines += ["## Earlier GPU records", "",
+                  "Older GPU runs, newest first. They describe the code of their commit: unload records of schema 1 "
+                  "timed the earlier unload engine, under that engine's row names.", ""]
+        for rec in earlier:
             lines += render_record(rec, output_dir)
     lines += ["## CPU smoke runs (pure-torch reference path; not kernel performance)", ""]
     if not cpu:
@@ -310,7 +485,8 @@ def render(records, problems, output_dir: Path) -> str:
                   "small shape; such timings say nothing about the kernels.)", ""]
     else:
         lines += ["These records were made without a GPU: they time the pure-torch reference code on a small "
-                  "shape on the CPU, to show the benchmark runs end to end. They are not kernel performance.", ""]
+                  "shape on the CPU (and the Triton kernels in the interpreter, one call each), to show the "
+                  "benchmark runs end to end. They are not kernel performance.", ""]
         for rec in cpu:
             lines += render_record(rec, output_dir)
     if static:

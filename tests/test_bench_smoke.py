@@ -47,20 +47,111 @@ def test_linear_quick_writes_json_and_png(tmp_path, capsys):
         assert "No CUDA GPU" in out
 
 
+UNLOAD_SHAPE = ["--shape", "32,64"]  # one 32x64 tile: the Triton rows run in the interpreter on CPU
+
+
 def test_unload_quick_writes_json_and_png(tmp_path, capsys):
-    rc = unload.main(["--quick", "--out", str(tmp_path), "--shape", "256,512", *FAST])
+    rc = unload.main(["--quick", "--out", str(tmp_path), *UNLOAD_SHAPE, *FAST])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "% copy" in out
+    assert "% copy" in out and "model unload_many_" in out
     record = json.loads(_one(tmp_path, "unload-*.json").read_text())
-    _one(tmp_path, "unload-*.png")
-    rows = {r["contender"]: r for r in record["results"]}
-    assert set(rows) == set(unload.CONTENDERS)
-    assert rows["copy"]["pct_copy"] == pytest.approx(100.0)
-    for name in ("peft", "addmm-fp32", "unload_ nearest", "unload_ stochastic"):
-        assert rows[name]["median_ms"] > 0 and rows[name]["bytes"] == 2 * 256 * 512 * 2
-    if record["environment"]["device_type"] != "cuda":
-        assert "skipped" in rows["merge_ nearest"]
+    png = _one(tmp_path, "unload-*.png")
+    assert record["plot"] == png.name and record["schema"] == 2 and record["complete"] is True
+    layer = [r for r in record["results"] if r["scope"] == "layer"]
+    # every contender, with bf16 factors and with fp32 factors, in one run
+    assert {(r["contender"], r["factor_dtype"]) for r in layer} == {(c, f) for c in unload.CONTENDERS
+                                                                    for f in ("bf16", "fp32")}
+    on_gpu = record["environment"]["device_type"] == "cuda"
+    for r in layer:
+        assert r["bytes"] == 2 * 32 * 64 * 2  # W read and written once
+        assert r.get("skipped") or (r["impl"] and not r["impl"].startswith("error"))  # which implementation ran
+        if r["contender"] == "copy":
+            assert r["pct_copy"] == pytest.approx(100.0)
+        if r["contender"] in unload.BASELINES or r["contender"].startswith("unload_"):
+            assert r["median_ms"] > 0 and r["pct_copy"] > 0
+        if r["contender"].startswith("unload_"):
+            assert r["passes"] == 1.5 and r["pct_floor"] == pytest.approx(1.5 * r["pct_copy"])
+            assert r["x_vs_peft"] > 0 and r["x_vs_safe_merge"] > 0
+        if r["contender"].startswith("triton "):  # the raw passes: the interpreter here, the GPU there
+            assert r["impl"] == ("triton" if on_gpu else "triton (interpreter)") and r["median_ms"] > 0
+            assert r["passes"] == (0.5 if " check " in r["contender"] else 1.0)
+        if r["contender"].startswith("cuda ") and not on_gpu:
+            assert r["skipped"] == "needs a CUDA GPU"
+    model = [r for r in record["results"] if r["scope"] == "model"]
+    assert [r["contender"] for r in model] == list(unload.MODEL_CONTENDERS)
+    for r in model:
+        assert r["layers"] == 7 and r["model"] == "micro" and r["median_ms"] > 0 and r["floor_ms"] > 0
+        assert r["impl"] and r["r"] == 16 and r["factor_dtype"] == "fp32" and r["rounding"] == "stochastic"
+    if not on_gpu:
+        assert "No CUDA GPU" in out and record["targets"] == []
+
+
+def test_unload_model_layers_match_the_train_config():
+    """The whole-model rows merge the 112 layers plora bench train adapts in its 1b config."""
+    layers = unload.model_layers("1b")
+    assert len(layers) == 112
+    shapes = {name.split(".")[-1]: (o, i) for name, o, i in layers[:7]}
+    assert shapes == {"q_proj": (2048, 2048), "k_proj": (256, 2048), "v_proj": (256, 2048), "o_proj": (2048, 2048),
+                      "gate_proj": (5632, 2048), "up_proj": (5632, 2048), "down_proj": (2048, 5632)}
+    assert sum(o * i for _, o, i in layers) == 16 * (2 * 2048 * 2048 + 2 * 256 * 2048 + 3 * 5632 * 2048)
+
+
+def _train_record(path, env, size, step_ms, r=16, dtype="bf16"):
+    rec = {"benchmark": "train", "schema": 1, "environment": env,
+           "config": {"size": size, "r": r, "dtype": dtype, "iters": 3, "warmup": 1},
+           "results": [{"contender": "full", "status": "ok", "median_ms": step_ms / 2},
+                       {"contender": "plora-triton", "status": "ok", "median_ms": step_ms},
+                       {"contender": "plora-torch", "status": "error", "error": "x"}]}
+    path.write_text(json.dumps(rec))
+
+
+def test_unload_targets_and_train_join(tmp_path):
+    """The targets of #12 from rows of one run; the model's share of a step from a train record."""
+    rows = []
+    base = {"scope": "layer", "out": 64, "in": 64, "r": 16, "dtype": "bf16", "w_bytes": 8192, "bytes": 16384}
+    for f in ("bf16", "fp32"):
+        for name, ms in (("copy", 1.0), ("peft", 3.0), ("peft safe_merge", 6.0), ("unload_ nearest", 1.6),
+                         ("unload_ stochastic", 2.0)):
+            rows.append(dict(base, factor_dtype=f, contender=name, median_ms=ms, peak_extra_bytes=64))
+    rows.append({"scope": "model", "model": "micro", "layers": 7, "r": 16, "dtype": "bf16", "factor_dtype": "fp32",
+                 "rounding": "stochastic", "w_bytes": 10**6, "bytes": 2 * 10**6,
+                 "contender": "model unload_many_ m=0", "median_ms": 2.0})
+    env = {"device_type": "cpu", "device_name": "Test CPU"}
+    _train_record(tmp_path / "train-cpu-1.json", env, "micro", 100.0)
+    _train_record(tmp_path / "train-cpu-2.json", env, "tiny", 1.0)  # another model: not joined
+    train = unload.find_train_step(env, "micro", 16, "bf16", [tmp_path, None])
+    assert train["step_ms"] == 100.0 and train["contender"] == "plora-triton"
+    assert unload.find_train_step(dict(env, device_name="other"), "micro", 16, "bf16", [tmp_path]) is None
+    unload.derive(rows, train)
+    got = unload.targets(rows, train, key=(64, 64, 16, "bf16"))
+    by = {(t["id"], t["what"].split(",")[0], "fp32" in t["what"]): t for t in got}
+    pct = by[("unload_pct_copy", "unload_ nearest", False)]
+    assert pct["value"] == pytest.approx(62.5) and pct["met"] is True
+    assert by[("unload_pct_copy", "unload_ stochastic", True)]["met"] is False  # 50% < 55%
+    assert by[("x_vs_peft", "unload_ stochastic", False)]["value"] == pytest.approx(1.5)
+    assert by[("x_vs_safe_merge", "unload_ stochastic", False)]["met"] is True  # 3x
+    peak = [t for t in got if t["id"] == "unload_peak_extra"]
+    assert len(peak) == 1 and peak[0]["met"] is True  # 64 bytes <= 1% of 8192
+    model = [t for t in got if t["id"] == "model_pct_of_step"]
+    assert len(model) == 1 and model[0]["value"] == pytest.approx(2.0) and model[0]["met"] is True
+    assert rows[-1]["pct_of_step"] == pytest.approx(2.0)
+    assert unload.targets(rows, None, key=(64, 64, 16, "bf16"))[-1]["met"] is None  # no step: not measured
+
+
+def test_unload_interrupted_run_keeps_its_rows(tmp_path, monkeypatch):
+    """A run cut off (SIGINT, or SIGTERM from a time limit) saves what it measured and exits 130."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(unload, "run_model", interrupt)
+    rc = unload.main(["--quick", "--out", str(tmp_path), *UNLOAD_SHAPE, "--factor-dtype", "fp32",
+                      "--contenders", "peft,unload_-nearest", *FAST])
+    assert rc == 130
+    record = json.loads(_one(tmp_path, "unload-*.json").read_text())
+    assert record["complete"] is False and any("INTERRUPTED" in n for n in record["notes"])
+    assert [r["contender"] for r in record["results"]] == ["copy", "peft", "unload_ nearest"]
+    assert record["results"][2]["x_vs_peft"] > 0
 
 
 def test_flop_count():
@@ -71,6 +162,8 @@ def test_flop_count():
 def test_bad_arguments_exit_2(tmp_path, capsys):
     assert linear.main(["--dtype", "int8", "--out", str(tmp_path)]) == 2
     assert unload.main(["--factor-dtype", "fp64", "--out", str(tmp_path)]) == 2
+    assert unload.main(["--contenders", "merge_ nearest", "--out", str(tmp_path)]) == 2  # an old row name
+    assert unload.main(["--model", "70b", "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())
 
 
@@ -80,7 +173,7 @@ def results(tmp_path):
     out = tmp_path / "results"
     out.mkdir()
     assert linear.main(["--quick", "--out", str(out), "--shape", "64,128,128", "--modes", "fwd", *FAST]) == 0
-    assert unload.main(["--quick", "--out", str(out), "--shape", "128,256", *FAST]) == 0
+    assert unload.main(["--quick", "--out", str(out), *UNLOAD_SHAPE, *FAST]) == 0
     return out
 
 
@@ -96,36 +189,59 @@ def test_make_report(tmp_path, results):
         assert "No GPU run has been recorded yet" in text
         assert "CPU smoke runs" in text and "### linear" in text and "### unload" in text
 
-    # a GPU record (faked from the CPU one) gets the GPU section, the target summary and the memory table
+    # a GPU record (faked from the CPU one) gets the GPU section, the target summary, the memory column, and
+    # the model's share of a step joined from a train record of the same device, model size and rank
     rec = json.loads(_one(results, "unload-*.json").read_text())
-    rec["environment"].update(device_type="cuda", device_name="Fake GPU", torch_cuda="13.0",
-                              compute_capability="9.0", sm_count=132, device_memory_gib=79.2)
+    env = dict(rec["environment"], device_type="cuda", device_name="Fake GPU", torch_cuda="13.0",
+               compute_capability="9.0", sm_count=132, device_memory_gib=79.2)
+    rec["environment"] = env
     for r in rec["results"]:
         if "median_ms" in r:
             r["peak_extra_bytes"] = 4096
-    rec["targets"] = [{"what": "unload_ nearest at 8192x8192 r=16 bf16", "value": 90.0, "target": ">= 85.0%",
-                       "met": True}]
+    rec["targets"] = unload.targets(rec["results"], None, key=(32, 64, 16, "bf16"))
+    assert [t["met"] for t in rec["targets"] if t["id"] == "model_pct_of_step"] == [None, None]
     gpu_dir = tmp_path / "gpu"
     gpu_dir.mkdir()
     (gpu_dir / "unload-fake-gpu-20000101T000000Z.json").write_text(json.dumps(rec))
+    _train_record(gpu_dir / "train-fake-gpu-20000101T000000Z.json", dict(env, timestamp_utc="2000-01-01T00:00:00Z"),
+                  "micro", 1000.0)
     assert report.main(["--results", str(gpu_dir), "--output", str(md)]) == 0
     text = md.read_text()
     assert "No GPU run has been recorded yet" not in text
-    assert "Fake GPU" in text and "Targets in the latest GPU run" in text and "peak extra memory" in text
+    assert "Fake GPU" in text and "Targets in the latest GPU run" in text and "peak extra" in text
+    assert "4.0 KiB" in text and "bf16 factors: ms (% copy)" in text and "fp32 factors: ms (% copy)" in text
+    assert "whole-model unload" in text and "joined by make_report" in text
+    assert "not measured" not in text  # the joined step measured the model targets
+
+    # a run that found its train record itself keeps that join
+    train = {"record": "train-own.json", "timestamp_utc": "", "step_ms": 500.0, "contender": "plora-torch"}
+    rec["config"]["train_step"] = train
+    unload.derive(rec["results"], train)
+    rec["targets"] = unload.targets(rec["results"], train, key=(32, 64, 16, "bf16"))
+    (gpu_dir / "unload-fake-gpu-20000101T000000Z.json").write_text(json.dumps(rec))
+    assert report.main(["--results", str(gpu_dir), "--output", str(md)]) == 0
+    text = md.read_text()
+    assert "against the 500.0 ms step of plora-torch in `train-own.json` — " in text
+    assert "joined by make_report" not in text
 
 
 def test_make_report_renders_sweeps_pieces_and_static_records(tmp_path, results):
-    """Rows from --sweep / --pieces and the static kernels record each get their own table."""
+    """Rows from --pieces, the static kernels record and earlier unload records (schema 1, with the --sweep rows
+    of the old engine) each get their own table; the older GPU unload record goes under the earlier records."""
     report = _make_report()
     lin_path, unl_path = _one(results, "linear-*.json"), _one(results, "unload-*.json")
-    lin, unl = json.loads(lin_path.read_text()), json.loads(unl_path.read_text())
+    lin = json.loads(lin_path.read_text())
     lin["results"].append(dict(lin["results"][0], contender="piece: triton x@W.T", median_ms=0.123,
                                ratio_to_floor=1.5))
-    unl["results"].append(dict(unl["results"][0], contender="sweep nearest [32x256 w16]", median_ms=0.0456,
-                               pct_copy=77.0))
     lin_path.write_text(json.dumps(lin))
-    unl_path.write_text(json.dumps(unl))
-    static = {"benchmark": "kernels", "environment": dict(unl["environment"], device_slug="sm90"),
+    old = json.loads((ROOT / "benchmarks" / "results" / "unload-nvidia-h200-20261126T012127Z.json").read_text())
+    old["results"].append(dict(old["results"][0], contender="sweep nearest [32x256 w16]", median_ms=0.0456,
+                               pct_copy=77.0))
+    (results / "unload-nvidia-h200-20261126T012127Z.json").write_text(json.dumps(old))
+    new = json.loads(unl_path.read_text())  # the current engine's record, on the same (faked) GPU, later
+    new["environment"] = dict(old["environment"], timestamp_utc="2026-12-01T00:00:00Z")
+    (results / "unload-nvidia-h200-20261201T000000Z.json").write_text(json.dumps(new))
+    static = {"benchmark": "kernels", "environment": dict(new["environment"], device_slug="sm90"),
               "config": {"arch": 90, "static": True},
               "results": [{"kernel": "unload", "variant": "production r=16", "registers": 64, "warps_per_sm": 32}]}
     (results / "kernels-sm90-20000101T000000Z.json").write_text(json.dumps(static))
@@ -133,6 +249,10 @@ def test_make_report_renders_sweeps_pieces_and_static_records(tmp_path, results)
     assert report.main(["--results", str(results), "--output", str(md)]) == 0
     text = md.read_text()
     assert "the fused forward's parts" in text and "| triton x@W.T | 0.1230 (1.500x) |" in text
-    assert "ablations of the raw Triton merge" in text, text
-    assert "| nearest [32x256 w16] | 0.0456 | 77.0 |" in text
+    latest, earlier = text.split("## Earlier GPU records")
+    assert "### unload — NVIDIA H200 — 2026-12-01T00:00:00Z" in latest and "whole-model unload" in latest
+    assert "2026-11-26T01:21:27Z" in earlier and "Earlier unload engine (schema 1)" in earlier
+    assert "ablations of the raw Triton merge" in earlier, text
+    assert "| nearest [32x256 w16] | 0.0456 | 77.0 |" in earlier
+    assert "| 8192 x 8192 | 16 | bf16 | bf16 | 0.0679 (100.0%) | 0.2083 (32.6%) |" in earlier
     assert "Compiled kernels (static" in text and "| production r=16 | 64 |" in text

@@ -1,34 +1,58 @@
-"""``plora bench unload``: the in-place unload (merge B A into W) against the usual ways and device copy.
+"""``plora bench unload``: the unload's two passes, the public guarded call and the whole-model unload, against
+device copy and PEFT's merges.
 
-W shapes (out x in) 4096x4096, 4096x14336, 8192x28672 with r in {8, 16, 64}, bf16 and fp16, plus the
-target row 8192x8192 r=16 bf16. Contenders, timed in one process on the same tensors:
+The engine (``ops.merge``) merges in two passes over W: an exact check pass (reads W, writes nothing) and, when
+every merged value is finite, the writing pass (reads and writes W). ``unload_`` adds the argument checks, one
+host read of the check's flag and the adapter reset, so its floor is 1.5 copies of W. Timed, all in one process
+on the same random tensors (never zeros), with ``triton.testing.do_bench`` medians on CUDA:
 
-  copy               ``dst.copy_(src)`` of a W-sized tensor: the bandwidth an in-place pass can hope for
-  peft               PEFT-style ``W += (B @ A * s).to(W.dtype)`` (materialises the full update)
-  addmm-fp32         ``t = W.float(); t.addmm_(B.float(), A.float(), alpha=s); W.copy_(t)`` (one rounding,
-                     a W-sized fp32 temporary)
-  unload_ nearest    ``plora_kernels.unload_`` (the public call: argument checks, finiteness of the factors,
-  unload_ stochastic the overflow bound, the merge kernel and the factor reset), momentum m = 0.999
-  merge_ nearest     the raw Triton merge kernel alone, ``ops.triton.unload.merge_(..., write=True)``
-  merge_ stochastic
-  cuda nearest       the CUDA C++ twin ``ops.cuda_unload.merge_`` where it is built and available
-  cuda stochastic
+  copy                   ``dst.copy_(src)`` of a W-sized tensor: the device copy bandwidth of this run
+  peft                   PEFT-style ``W += (B @ A * s).to(W.dtype)`` (unguarded; materialises the update)
+  peft safe_merge        PEFT's ``safe_merge`` path: ``t = W.clone(); t += (B @ A * s).to(W.dtype)``,
+                         ``torch.isfinite(t).all()`` read on the host, ``W.copy_(t)``
+  addmm-fp32             ``W.copy_(W.float().addmm_(B.float(), A.float(), alpha=s))`` (one rounding, an fp32
+                         W-sized temporary)
+  unload_ nearest        ``plora_kernels.unload_(W, A, B, s, momentum=0.999, rounding=...)``: the public guarded
+  unload_ stochastic     call (checks, check pass, one host read, writing pass, B <- m B)
+  triton write nearest   the writing pass alone: ``ops.triton.unload.merge_group_([Merge(...)], write=True)``,
+  triton write stochastic  one layer, one launch
+  triton check nearest   the check pass alone: ``merge_group_(..., write=False)`` (the flag is not read)
+  triton check stochastic
+  cuda write|check ...   the CUDA C++ twin, ``ops.cuda_unload.merge_(..., write=True|False)``, where its library
+                         can be built or loaded (else skipped, with the reason)
 
-``--sweep`` adds ablation rows for the raw Triton merge ("sweep ..."), each one knob of
-``ops.triton.unload.merge_(tuning=...)`` away from production: other tiles, the rank-1-update path instead of
-the dot, no max|W| report, fewer Philox rounds (0 rounds: the RNG's cost), no low-rank product (the pass
-over W alone). One GPU call then says where the merge's time goes.
+Shapes: ``--quick`` runs the target, 8192x8192 r=16 bf16 W; a full run adds W 4096x4096, 4096x14336 and
+8192x28672 with r in {8, 16, 64}, bf16 and fp16. The target (and every ``--quick`` or ``--shape`` run) runs
+with factors in W's dtype and with fp32 factors (what training passes), reported side by side; the other shapes
+with fp32 factors (``--factor-dtype`` sets both). On CPU a 64x128 W, where the Triton rows run in the
+interpreter (TRITON_INTERPRET=1) or are skipped. Then the whole-model unload: ``unload_many_`` over the 112
+targeted layers of the ``1b`` config of ``plora bench train`` (bf16 W, fp32 factors, r=16, stochastic
+rounding; a 7-layer micro model on CPU), timed per call, with momentum 0.999 (B <- m B: the data stay random)
+and 0 (what PLoRALinear trains with: B <- 0 and a fresh A). When a
+``plora bench train`` record of the same device, model size and rank exists (in ``--out`` or
+benchmarks/results), the model rows also give the unload as a share of the fastest PLoRA training step;
+``benchmarks/make_report.py`` joins one later otherwise.
 
-Bytes moved = 2·|W|·itemsize (W read once, written once; the factors are negligible). "% copy" is the copy
-row's time over the contender's time. Peak extra memory is ``torch.cuda.max_memory_allocated`` during one
-call minus what was allocated before it (steady state; for unload_ also the first call on a weight, which
-reads W once to learn max|W|). Timing an in-place op repeatedly changes W: W, A and B start random (never
-zeros) and the update per call is small, so every value stays finite.
+Reported per row: the implementation that ran (``impl``), the median (p20/p80), "% copy" = the copy row's
+time over the row's time (the rate at which W is merged, as a share of the copy bandwidth: 100% is a merge at
+copy speed), the floor in passes over W (copy and write 1, check 0.5, unload_ 1.5) and "% floor" (the floor's
+time over the row's time), the speed-up over the peft and safe_merge rows of the same run, and on CUDA the
+peak extra memory (``max_memory_allocated`` during one call minus the allocation before it). Targets at
+8192x8192, r=16, bf16 W: ``unload_`` >= 55% of copy bandwidth, >= 1.5x faster than peft, >= 3x faster than
+safe_merge, no W-sized temporary; the whole-model unload < 3% of a training step.
+
+The record is written after every config (``"complete": false`` until the end), and on SIGINT/SIGTERM what
+was measured is saved before exiting with status 130: a run cut off by a time limit still leaves its rows.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import json
+import signal
 import sys
+from pathlib import Path
 
 import torch
 
@@ -36,29 +60,71 @@ from . import common
 
 GPU_SHAPES = ((4096, 4096), (4096, 14336), (8192, 28672))
 GPU_RANKS = (8, 16, 64)
-TARGET_SHAPE, TARGET_RANK = (8192, 8192), 16
-CPU_SHAPE = (512, 1024)
+TARGET_SHAPE, TARGET_RANK, TARGET_DTYPE = (8192, 8192), 16, "bf16"
+CPU_SHAPE = (64, 128)  # small: the Triton contenders run in the interpreter there
 MOMENTUM = 0.999
 SCALING = 2.0
-COEF = (1.0 - MOMENTUM) * SCALING  # what unload_ merges: the raw kernels get the same coefficient
+COEF = (1.0 - MOMENTUM) * SCALING  # what unload_ merges: every other contender merges the same coefficient
 SEED = 1234
-TARGET_PCT = 85.0
+ROUNDINGS = ("nearest", "stochastic")
+MODEL_MOMENTA = (MOMENTUM, 0.0)
+MODEL_RANK, MODEL_ROUNDING = 16, "stochastic"
+# the model sizes of ``plora bench train`` (train.SIZES) and, for the CPU smoke run, a smaller one: the reference
+# path's stochastic rounding computes Philox in torch ops, ~1 s per call for the tiny config's 14 layers
+MICRO = dict(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1)
+
+TARGET_UNLOAD_PCT = 55.0        # unload_ (check + write + reset) as % of copy bandwidth; its floor is 66.7%
+TARGET_X_PEFT = 1.5             # unload_ this many times faster than PEFT's W += ...
+TARGET_X_SAFE = 3.0             # ... and than PEFT's safe_merge
+TARGET_PEAK_OVER_W = 0.01       # "no W-sized temporary": peak extra memory at most 1% of |W|
+TARGET_MODEL_PCT_STEP = 3.0     # the whole-model unload, % of one training step
 
 CONTENDERS = {
-    "copy": "dst.copy_(src) of a W-sized tensor (device copy bandwidth)",
-    "peft": "PEFT-style W += (B @ A * s).to(W.dtype)",
-    "addmm-fp32": "t = W.float(); t.addmm_(B.float(), A.float(), alpha=s); W.copy_(t)",
-    "unload_ nearest": "plora_kernels.unload_(W, A, B, s, momentum=0.999, rounding='nearest') (public call)",
-    "unload_ stochastic": "plora_kernels.unload_(..., rounding='stochastic') (public call)",
-    "merge_ nearest": "raw Triton kernel ops.triton.unload.merge_(W, A, B, coef, 'nearest', seed, write=True)",
-    "merge_ stochastic": "raw Triton kernel, stochastic rounding",
-    "cuda nearest": "CUDA C++ twin ops.cuda_unload.merge_(..., 'nearest', write=True)",
-    "cuda stochastic": "CUDA C++ twin, stochastic rounding",
+    "copy": "dst.copy_(src) of a W-sized tensor (the device copy bandwidth of this run)",
+    "peft": "PEFT-style W += (B @ A * s).to(W.dtype) (unguarded; materialises the update)",
+    "peft safe_merge": "PEFT's safe_merge: t = W.clone(); t += (B @ A * s).to(W.dtype); torch.isfinite(t).all() "
+                       "read on the host; W.copy_(t)",
+    "addmm-fp32": "W.copy_(W.float().addmm_(B.float(), A.float(), alpha=s)) (one rounding, fp32 temporary)",
+    "unload_ nearest": "plora_kernels.unload_(W, A, B, s, momentum=0.999, rounding='nearest'): the public guarded "
+                       "call (argument checks, check pass, one host read, writing pass, B <- m B)",
+    "unload_ stochastic": "plora_kernels.unload_(..., rounding='stochastic')",
+    "triton write nearest": "the writing pass alone: ops.triton.unload.merge_group_([Merge(W, A, B, c, 'nearest', "
+                            "seed)], write=True) (one layer, one launch, no check)",
+    "triton write stochastic": "the writing pass alone, stochastic rounding",
+    "triton check nearest": "the check pass alone: merge_group_(..., write=False) (every merged value computed "
+                            "and tested, nothing written, the flag not read)",
+    "triton check stochastic": "the check pass alone, stochastic rounding",
+    "cuda write nearest": "the CUDA C++ twin's writing pass: ops.cuda_unload.merge_(W, A, B, c, 'nearest', seed, "
+                          "write=True)",
+    "cuda write stochastic": "the CUDA twin's writing pass, stochastic rounding",
+    "cuda check nearest": "the CUDA twin's check pass: ops.cuda_unload.merge_(..., write=False)",
+    "cuda check stochastic": "the CUDA twin's check pass, stochastic rounding",
 }
+MODEL_CONTENDERS = {
+    f"model unload_many_ m={MOMENTUM:g}": "ops.unload.unload_many_ over every targeted layer of the model "
+                                          f"(momentum {MOMENTUM:g}: B <- m B, the data stay random)",
+    "model unload_many_ m=0": "the same with momentum 0, as PLoRALinear trains by default (B <- 0, a fresh A for "
+                              "every layer in one launch; B is zero after the first call, which the kernels' "
+                              "work does not depend on)",
+}
+BASELINES = ("copy", "peft", "peft safe_merge", "addmm-fp32")
 
 
+def floor_passes(name: str) -> float | None:
+    """The least traffic of contender ``name`` in passes over W (one pass = read and write W, a copy)."""
+    if name == "copy" or " write " in f" {name} ":
+        return 1.0
+    if " check " in f" {name} ":
+        return 0.5
+    if name.startswith(("unload_", "model unload_many_")):
+        return 1.5
+    return None
+
+
+@functools.lru_cache(maxsize=None)
 def _cuda_twin():
-    """(module, None) when the CUDA twin can run here, else (None, why not)."""
+    """(module, None) when the CUDA twin can run here, else (None, why not). Its library is built (nvcc, on first
+    use) or loaded here, once per process, so that no timed call pays for it and a failed build is tried once."""
     try:
         from ..ops import cuda_unload
     except Exception as exc:  # noqa: BLE001 - missing module or a failed build/load
@@ -67,139 +133,378 @@ def _cuda_twin():
         ok = bool(cuda_unload.available())
     except Exception as exc:  # noqa: BLE001
         return None, f"cuda_unload.available() raised {type(exc).__name__}: {exc}"
-    return (cuda_unload, None) if ok else (None, "cuda_unload.available() is False")
+    if not ok:
+        return None, "the CUDA twin's library is not available (no nvcc, no $PLORA_CSRC_LIB, no cached build)"
+    load = getattr(cuda_unload, "library", None)
+    if load is not None:
+        try:
+            load()
+        except Exception as exc:  # noqa: BLE001 - nvcc failed, or an ABI mismatch
+            return None, f"the CUDA twin's library failed to build or load ({type(exc).__name__}: {exc})"[:400]
+    return cuda_unload, None
 
 
-def make_tensors(n_out, k_in, r, dtype, factor_dtype, device):
+def _triton_skip(weight: torch.Tensor) -> str | None:
+    """Why the raw Triton passes cannot run on ``weight`` here, or None."""
+    from .._backend import interpreting, triton_available
+
+    if not triton_available():
+        return "triton not importable"
+    if not weight.is_cuda and not interpreting():
+        return "needs a CUDA GPU (or TRITON_INTERPRET=1: the Triton interpreter on CPU tensors)"
+    return None
+
+
+def _triton_label(weight: torch.Tensor) -> str:
+    return "triton" if weight.is_cuda else "triton (interpreter)"
+
+
+def unload_impl(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, rounding: str) -> str:
+    """What ``unload_``/``unload_many_`` run for these tensors: "triton", "triton (interpreter)", "cuda twin" or
+    "torch reference" (ops.merge decides per layer; PLORA_BACKEND and PLORA_UNLOAD_KERNEL steer it)."""
+    from ..ops import merge
+
+    try:
+        path = merge.merge_path(merge.Merge(weight, lora_A, lora_B, COEF, rounding))
+    except Exception as exc:  # noqa: BLE001 - e.g. PLORA_BACKEND=triton where Triton cannot run
+        return f"error: {exc}"[:200]
+    return {"triton": _triton_label(weight), "cuda": "cuda twin", "torch": "torch reference"}.get(path, path)
+
+
+def make_tensors(n_out, k_in, r, dtype, factor_dtype, device, seed=None):
     """Random W (out, in), A (r, in), B (out, r) as a trained layer would have them (never zeros)."""
-    gen = torch.Generator(device=device).manual_seed(n_out * 3 + k_in + r)
+    gen = torch.Generator(device=device).manual_seed(n_out * 3 + k_in + r if seed is None else seed)
     weight = (torch.randn(n_out, k_in, device=device, generator=gen) * 0.02).to(dtype)
     lora_A = ((torch.rand(r, k_in, device=device, generator=gen) * 2 - 1) * k_in ** -0.5).to(factor_dtype)
     lora_B = (torch.randn(n_out, r, device=device, generator=gen) * 0.02).to(factor_dtype)
     return weight, lora_A, lora_B
 
 
-# (label, knobs) for --sweep; "stochastic only" rows vary the random stream's cost
-SWEEP = (
-    ("default", {}),
-    ("64x256 w8 (default until 2026-11-26)", {"block_m": 64, "block_n": 256, "num_warps": 8}),
-    ("64x256 w16", {"block_m": 64, "block_n": 256, "num_warps": 16}),
-    ("32x256 w16", {"block_m": 32, "block_n": 256, "num_warps": 16}),
-    ("64x128 w16", {"block_m": 64, "block_n": 128, "num_warps": 16}),
-    ("32x128 w8", {"block_m": 32, "block_n": 128, "num_warps": 8}),
-    ("16x256 w8", {"block_m": 16, "block_n": 256, "num_warps": 8}),
-    ("fma", {"small_r": True}),
-    ("dot", {"small_r": False}),
-    ("no stats", {"stats": False}),
-    ("no delta", {"delta": False}),
-    ("no delta, no stats", {"delta": False, "stats": False}),
-)
-SWEEP_STOCHASTIC = (("philox 7 rounds", {"n_rounds": 7}), ("philox 0 rounds", {"n_rounds": 0}))
+def safe_merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s: float) -> None:
+    """PEFT's ``merge(safe_merge=True)`` for a LoRA layer, writing back into W (PEFT rebinds ``.data`` instead)."""
+    merged = weight.clone()
+    merged += (lora_B @ lora_A * s).to(weight.dtype)
+    if not bool(torch.isfinite(merged).all()):
+        raise ValueError("NaNs detected in the merged weights")
+    weight.copy_(merged)
 
 
-def sweep_fns(weight, lora_A, lora_B) -> dict:
-    """label -> callable: the raw Triton merge with each ablation of SWEEP, nearest and stochastic."""
-    from ..ops.triton.unload import merge_
-
-    fns = {}
-    for rounding in ("nearest", "stochastic"):
-        extra = SWEEP_STOCHASTIC if rounding == "stochastic" else ()
-        for label, knobs in SWEEP + extra:
-            fns[f"sweep {rounding} [{label}]"] = (
-                lambda rounding=rounding, knobs=knobs: merge_(weight, lora_A, lora_B, COEF, rounding, SEED,
-                                                              write=True, tuning=knobs))
-    return fns
-
-
-def contender_fns(weight, lora_A, lora_B, skip=None):
-    """name -> zero-argument callable for every contender but "copy"; names that cannot run here go into
-    ``skip`` (a dict) with the reason."""
+def contender_fns(weight, lora_A, lora_B, skip=None, impls=None):
+    """name -> zero-argument callable for every contender but "copy". Names that cannot run here go into
+    ``skip`` (a dict) with the reason; ``impls`` (a dict) gets the implementation each name runs."""
+    from ..ops.merge import Merge
     from ..ops.unload import unload_
 
     skip = {} if skip is None else skip
-    on_gpu = weight.device.type == "cuda"
-
+    impls = {} if impls is None else impls
     fns = {
-        "peft": lambda: weight.add_((lora_B @ lora_A * SCALING).to(weight.dtype)),
-        "addmm-fp32": lambda: weight.copy_(weight.float().addmm_(lora_B.float(), lora_A.float(), alpha=SCALING)),
-        "unload_ nearest": lambda: unload_(weight, lora_A, lora_B, SCALING, momentum=MOMENTUM, rounding="nearest"),
-        "unload_ stochastic": lambda: unload_(weight, lora_A, lora_B, SCALING, momentum=MOMENTUM,
-                                              rounding="stochastic"),
+        "peft": lambda: weight.add_((lora_B @ lora_A * COEF).to(weight.dtype)),
+        "peft safe_merge": lambda: safe_merge_(weight, lora_A, lora_B, COEF),
+        "addmm-fp32": lambda: weight.copy_(weight.float().addmm_(lora_B.float(), lora_A.float(), alpha=COEF)),
     }
-    if on_gpu and common.backend_label(weight) == "triton":
-        from ..ops.triton.unload import merge_
+    impls.update(dict.fromkeys(fns, "torch"))
+    for rounding in ROUNDINGS:
+        name = f"unload_ {rounding}"
+        fns[name] = functools.partial(unload_, weight, lora_A, lora_B, SCALING, momentum=MOMENTUM, rounding=rounding)
+        impls[name] = unload_impl(weight, lora_A, lora_B, rounding)
 
-        fns["merge_ nearest"] = lambda: merge_(weight, lora_A, lora_B, COEF, "nearest", SEED, write=True)
-        fns["merge_ stochastic"] = lambda: merge_(weight, lora_A, lora_B, COEF, "stochastic", SEED, write=True)
-    else:
-        why = "needs a CUDA GPU" if not on_gpu else f"Triton not in use ({common.backend_label(weight)})"
-        skip["merge_ nearest"] = skip["merge_ stochastic"] = why
-    twin, why = _cuda_twin() if on_gpu else (None, "needs a CUDA GPU")
-    if twin is not None:
-        fns["cuda nearest"] = lambda: twin.merge_(weight, lora_A, lora_B, COEF, "nearest", SEED, write=True)
-        fns["cuda stochastic"] = lambda: twin.merge_(weight, lora_A, lora_B, COEF, "stochastic", SEED, write=True)
-    else:
-        skip["cuda nearest"] = skip["cuda stochastic"] = why
+    why = _triton_skip(weight)
+    if why is None:
+        from ..ops.triton.unload import merge_group_
+    twin, twin_why = _cuda_twin() if weight.is_cuda else (None, "needs a CUDA GPU")
+    for kind in ("write", "check"):
+        for rounding in ROUNDINGS:
+            name = f"triton {kind} {rounding}"
+            if why is not None:
+                skip[name] = why
+            else:
+                fns[name] = functools.partial(merge_group_, [Merge(weight, lora_A, lora_B, COEF, rounding, SEED)],
+                                              write=kind == "write")
+                impls[name] = _triton_label(weight)
+            name = f"cuda {kind} {rounding}"
+            if twin is None:
+                skip[name] = twin_why
+            else:
+                fns[name] = functools.partial(twin.merge_, weight, lora_A, lora_B, COEF, rounding, SEED,
+                                              write=kind == "write")
+                impls[name] = "cuda twin"
     return fns
 
 
-def _run_config(n_out, k_in, r, dtype, factor_dtype, device, args):
-    on_gpu = device.type == "cuda"
+def _time(fn, device: torch.device, impl: str, args) -> common.Timing:
+    """do_bench on CUDA; on CPU the perf_counter loop, and for the interpreter one timed call after one untimed
+    (the interpreter's time says nothing about the kernel, and the smoke run must stay short)."""
+    if device.type != "cuda" and impl.endswith("(interpreter)"):
+        return common._cpu_bench(fn, 0.0, 0.0, min_reps=1)
+    return common.bench(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+
+
+def _timed_row(row: dict, fn, device, args) -> dict:
+    try:
+        t = _time(fn, device, row.get("impl", ""), args)
+        row.update(t.as_dict())
+        row["peak_extra_bytes"] = common.peak_extra_bytes(fn, device)
+    except Exception as exc:  # noqa: BLE001 - record, keep going
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        common.free_memory(device)
+    return row
+
+
+def run_config(n_out, k_in, r, dtype, factor_dtype, device, args, names, sink: list) -> None:
+    """Time every contender in ``names`` (plus copy) on one W shape; rows are appended to ``sink`` as they come."""
     weight, lora_A, lora_B = make_tensors(n_out, k_in, r, dtype, factor_dtype, device)
     w_bytes = weight.numel() * weight.element_size()
-    moved = 2 * w_bytes
-    base = {"out": n_out, "in": k_in, "r": r, "dtype": common.dtype_name(dtype),
-            "factor_dtype": common.dtype_name(factor_dtype), "bytes": moved, "w_bytes": w_bytes}
-    rows = []
-
-    def timed(name, fn, label=None):
-        row = dict(base, contender=name, label=label or name)
-        try:
-            t = common.bench(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-            row.update(t.as_dict())
-            row["gbps"] = moved / (t.median_ms * 1e-3) / 1e9
-            row["peak_extra_bytes"] = common.peak_extra_bytes(fn, device)
-        except Exception as exc:  # noqa: BLE001 - record, keep going
-            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            common.free_memory(device)
-        rows.append(row)
-        return row
+    base = {"scope": "layer", "out": n_out, "in": k_in, "r": r, "dtype": common.dtype_name(dtype),
+            "factor_dtype": common.dtype_name(factor_dtype), "bytes": 2 * w_bytes, "w_bytes": w_bytes}
 
     # device copy first, on its own W-sized pair, freed before the contenders run
     src = torch.empty_like(weight).copy_(weight)
     dst = torch.empty_like(weight)
-    copy_row = timed("copy", lambda: dst.copy_(src))
+    sink.append(_timed_row(dict(base, contender="copy", label="copy", impl="torch"),
+                           functools.partial(dst.copy_, src), device, args))
     del src, dst
     common.free_memory(device)
 
     skip: dict[str, str] = {}
-    fns = contender_fns(weight, lora_A, lora_B, skip)
-    label = common.backend_label(weight)
+    impls: dict[str, str] = {}
+    fns = contender_fns(weight, lora_A, lora_B, skip, impls)
+    saved_B = lora_B.clone()  # unload_ scales B by m on every call: each other contender gets the original
     for name in CONTENDERS:
-        if name == "copy":
+        if name == "copy" or name not in names:
             continue
+        row = dict(base, contender=name, label=name)
         if name in skip:
-            rows.append(dict(base, contender=name, label=name, skipped=skip[name]))
+            sink.append(dict(row, skipped=skip[name]))
             continue
-        row = timed(name, fns[name], f"{name} ({label})" if name.startswith("unload_") else None)
-        if name.startswith("unload_") and on_gpu and "error" not in row:
-            # the first unload of a weight (or after any other write to it) reads W once for max|W|
-            weight.mul_(1.0)  # bumps W's version: the recorded max|W| no longer applies
-            row["peak_extra_first_bytes"] = common.peak_extra_bytes(fns[name], device)
-        if not bool(torch.isfinite(weight.float().abs().max())):  # paranoia: timing must not blow W up
+        row["impl"] = impls[name]
+        sink.append(_timed_row(row, fns[name], device, args))
+        if name.startswith("unload_"):
+            lora_B.copy_(saved_B)
+        if not bool(torch.isfinite(weight).all()):  # timing must not blow W up
             row["note"] = "W became non-finite during timing"
-    if args.sweep and "merge_ nearest" in fns:
-        for name, fn in sweep_fns(weight, lora_A, lora_B).items():
-            timed(name, fn)
-    copy_ms = copy_row.get("median_ms")
-    for row in rows:
-        if row.get("median_ms") and copy_ms:
-            row["pct_copy"] = 100.0 * copy_ms / row["median_ms"]
-        if row.get("peak_extra_bytes") is not None:
-            row["peak_extra_over_w"] = row["peak_extra_bytes"] / w_bytes
-    del weight, lora_A, lora_B, fns
+    del weight, lora_A, lora_B, saved_B, fns
     common.free_memory(device)
-    return rows
+
+
+# ------------------------------------------------------------------------------------------- whole model
+def model_layers(size: str) -> list[tuple[str, int, int]]:
+    """(name, out, in) of every layer ``plora bench train`` adapts in the ``size`` config (a LlamaForCausalLM:
+    head_dim = hidden / heads, k and v project to kv_heads * head_dim)."""
+    from .train import SIZES, TARGET_MODULES
+
+    s = MICRO if size == "micro" else SIZES[size]
+    hidden, inter = s["hidden"], s["intermediate"]
+    kv = s["kv_heads"] * (hidden // s["heads"])
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
+              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    return [(f"layers.{i}.{m}", *shapes[m]) for i in range(s["layers"]) for m in TARGET_MODULES]
+
+
+def model_tensors(size: str, dtype, device) -> tuple[list[tuple[str, int, int]], list[tuple]]:
+    """The layers of :func:`model_layers` and a random (W, A, B) for each: W in ``dtype``, the factors in fp32 on
+    a 16-bit W (what PLoRALinear trains with), r = MODEL_RANK."""
+    layers = model_layers(size)
+    factor_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return layers, [make_tensors(o, i, MODEL_RANK, dtype, factor_dtype, device, seed=k)
+                    for k, (_, o, i) in enumerate(layers)]
+
+
+def model_specs(layers, tensors, momentum: float) -> list:
+    """One ``UnloadSpec`` per layer, as ``unload_all_`` builds them (no generator: torch's default one)."""
+    from ..ops.unload import UnloadSpec
+
+    return [UnloadSpec(w, a, b, SCALING, momentum, MODEL_ROUNDING, None, label)
+            for (label, _, _), (w, a, b) in zip(layers, tensors, strict=True)]
+
+
+def run_model(size: str, dtype, device, args, sink: list) -> None:
+    """Time ``unload_many_`` over every targeted layer of the model, once per momentum of MODEL_MOMENTA."""
+    from ..ops.unload import unload_many_
+
+    layers, tensors = model_tensors(size, dtype, device)
+    w_bytes = sum(w.numel() * w.element_size() for w, _, _ in tensors)
+    shapes: dict = {}
+    for _, o, i in layers:
+        shapes[(o, i)] = shapes.get((o, i), 0) + 1
+    base = {"scope": "model", "model": size, "layers": len(layers),
+            "shapes": [[o, i, n] for (o, i), n in shapes.items()], "r": MODEL_RANK, "dtype": common.dtype_name(dtype),
+            "factor_dtype": common.dtype_name(tensors[0][1].dtype), "rounding": MODEL_ROUNDING, "w_bytes": w_bytes,
+            "bytes": 2 * w_bytes}
+    impl = unload_impl(*tensors[0], MODEL_ROUNDING)
+    for momentum, name in zip(MODEL_MOMENTA, MODEL_CONTENDERS, strict=True):
+        row = dict(base, contender=name, label=name, momentum=momentum, impl=impl)
+        sink.append(_timed_row(row, functools.partial(unload_many_, model_specs(layers, tensors, momentum)), device,
+                               args))
+    del tensors
+    common.free_memory(device)
+
+
+def find_train_step(env: dict, size: str, r: int, dtype: str, dirs) -> dict | None:
+    """The newest ``plora bench train`` record in ``dirs`` of this device, model size, rank and dtype: its
+    fastest PLoRA step (the smallest denominator: the largest share), or None."""
+    best = None
+    for d in dirs:
+        if d is None or not Path(d).is_dir():
+            continue
+        for path in Path(d).glob("train-*.json"):
+            try:
+                rec = json.loads(path.read_text())
+                e, cfg = rec["environment"], rec.get("config", {})
+                if (e.get("device_type"), e.get("device_name")) != (env["device_type"], env["device_name"]):
+                    continue
+                if (cfg.get("size"), cfg.get("r"), cfg.get("dtype")) != (size, r, dtype):
+                    continue
+                steps = [(row["median_ms"], row["contender"]) for row in rec["results"]
+                         if str(row.get("contender", "")).startswith("plora") and row.get("status") == "ok"
+                         and row.get("median_ms")]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if steps:
+                ms, who = min(steps)
+                found = {"record": path.name, "timestamp_utc": e.get("timestamp_utc", ""), "step_ms": ms,
+                         "contender": who}
+                if best is None or found["timestamp_utc"] > best["timestamp_utc"]:
+                    best = found
+    return best
+
+
+# ------------------------------------------------------------------------------------------- derived values
+def _copy_row(rows, key=None):
+    """The copy row of config ``key`` (out, in, r, dtype, factor dtype); without a key, the largest W's."""
+    copies = [r for r in rows if r["contender"] == "copy" and r.get("median_ms")]
+    if key is not None:
+        copies = [r for r in copies if _key(r) == key]
+    return max(copies, key=lambda r: r["w_bytes"], default=None)
+
+
+def _key(r) -> tuple:
+    return (r["out"], r["in"], r["r"], r["dtype"], r["factor_dtype"])
+
+
+def derive(rows: list[dict], train: dict | None) -> None:
+    """Fill in, in place, what each row's numbers mean against the rest of the run (idempotent)."""
+    layer = [r for r in rows if r.get("scope", "layer") == "layer"]
+    by_key: dict = {}
+    for r in layer:
+        by_key.setdefault(_key(r), {})[r["contender"]] = r
+    for group in by_key.values():
+        copy_ms = (group.get("copy") or {}).get("median_ms")
+        peft_ms = (group.get("peft") or {}).get("median_ms")
+        safe_ms = (group.get("peft safe_merge") or {}).get("median_ms")
+        for r in group.values():
+            ms = r.get("median_ms")
+            if not ms:
+                continue
+            r["gbps"] = r["bytes"] / (ms * 1e-3) / 1e9
+            passes = floor_passes(r["contender"])
+            if passes is not None:
+                r["passes"] = passes
+            if copy_ms:
+                r["pct_copy"] = 100.0 * copy_ms / ms
+                if passes is not None:
+                    r["floor_ms"] = passes * copy_ms
+                    r["pct_floor"] = 100.0 * passes * copy_ms / ms
+            if r["contender"] not in BASELINES:
+                if peft_ms:
+                    r["x_vs_peft"] = peft_ms / ms
+                if safe_ms:
+                    r["x_vs_safe_merge"] = safe_ms / ms
+            if r.get("peak_extra_bytes") is not None:
+                r["peak_extra_over_w"] = r["peak_extra_bytes"] / r["w_bytes"]
+    copy = _copy_row(layer, (*TARGET_SHAPE, TARGET_RANK, TARGET_DTYPE, "bf16")) or _copy_row(layer)
+    for r in rows:
+        if r.get("scope") != "model" or not r.get("median_ms"):
+            continue
+        ms = r["median_ms"]
+        r["gbps"] = r["bytes"] / (ms * 1e-3) / 1e9
+        r["passes"] = floor_passes(r["contender"])
+        if copy is not None:
+            copy_bw = copy["bytes"] / copy["median_ms"]  # bytes per ms
+            r["copy_gbps"] = copy_bw * 1e3 / 1e9
+            r["floor_ms"] = r["passes"] * r["bytes"] / copy_bw
+            r["pct_floor"] = 100.0 * r["floor_ms"] / ms
+        if train is not None:
+            r["step_ms"] = train["step_ms"]
+            r["pct_of_step"] = 100.0 * ms / train["step_ms"]
+        if r.get("peak_extra_bytes") is not None:
+            r["peak_extra_over_w"] = r["peak_extra_bytes"] / r["w_bytes"]
+
+
+def _target(tid, what, value, value_text, target, met, **extra) -> dict:
+    """One target of the record: ``met`` is True, False, or None (not measured in this run)."""
+    return {"id": tid, "what": what, "value": value, "value_text": value_text, "target": target, "met": met, **extra}
+
+
+def targets(rows: list[dict], train: dict | None, key=(*TARGET_SHAPE, TARGET_RANK, TARGET_DTYPE)) -> list[dict]:
+    """The targets of issue #12 for the rows of config ``key`` (out, in, r, W dtype) and the model rows."""
+    out = []
+    at = [r for r in rows if r.get("scope", "layer") == "layer" and _key(r)[:4] == tuple(key)]
+    shape = f"{key[0]}x{key[1]} r={key[2]} {key[3]} W"
+    pct_goal = f">= {TARGET_UNLOAD_PCT:g}% (floor 66.7%: check + write = 1.5 passes)"
+    peaks = []
+    for fdt in _uniq(r["factor_dtype"] for r in at):
+        by = {r["contender"]: r for r in at if r["factor_dtype"] == fdt}
+        for rounding in ROUNDINGS:
+            r = by.get(f"unload_ {rounding}")
+            if r is None or r.get("skipped"):
+                continue
+            where = f"unload_ {rounding}, {shape}, {fdt} factors"
+            if r.get("median_ms") is None:
+                out.append(_target("unload_pct_copy", f"{where}: % of copy bandwidth", None,
+                                   f"error: {r.get('error')}", pct_goal, False))
+                continue
+            pct = r.get("pct_copy")
+            out.append(_target("unload_pct_copy", f"{where}: % of copy bandwidth", pct, f"{common.fmt(pct, '.1f')}%",
+                               pct_goal, None if pct is None else pct >= TARGET_UNLOAD_PCT))
+            for field, label, goal in (("x_vs_peft", "peft", TARGET_X_PEFT),
+                                       ("x_vs_safe_merge", "peft safe_merge", TARGET_X_SAFE)):
+                x = r.get(field)
+                out.append(_target(field, f"{where}: speed-up over {label}", x, f"{common.fmt(x, '.2f')}x",
+                                   f">= {goal:g}x", None if x is None else x >= goal))
+            if r.get("peak_extra_bytes") is not None:
+                peaks.append((r["peak_extra_bytes"], r["w_bytes"], f"{rounding}, {fdt} factors"))
+    if peaks:
+        peak, w_bytes, which = max(peaks)
+        out.append(_target("unload_peak_extra", f"unload_ peak extra memory, {shape} (the largest of {len(peaks)}: "
+                           f"{which})", peak, f"{_size(peak)} ({100.0 * peak / w_bytes:.3f}% of |W|)",
+                           f"no W-sized temporary (<= {100 * TARGET_PEAK_OVER_W:g}% of |W| = "
+                           f"{_size(TARGET_PEAK_OVER_W * w_bytes)})", peak <= TARGET_PEAK_OVER_W * w_bytes))
+    for r in rows:
+        if r.get("scope") == "model":
+            out.append(model_target(r, train))
+    return out
+
+
+def model_target(r: dict, train: dict | None) -> dict:
+    """The whole-model target of model row ``r``: its time per call as a share of the training step of ``train``
+    (``find_train_step``'s answer; None: not measured; benchmarks/make_report.py joins a later train record)."""
+    what = (f"{r['contender']} ({r['model']}: {r['layers']} layers, {r['w_bytes'] / 1e9:.2f} GB of {r['dtype']} W, "
+            f"{r['factor_dtype']} factors, r={r['r']}, {r['rounding']}): share of a training step")
+    goal = f"< {TARGET_MODEL_PCT_STEP:g}% of a step"
+    extra = {"contender": r["contender"], "median_ms": r.get("median_ms")}
+    ms = r.get("median_ms")
+    if ms is None:
+        return _target("model_pct_of_step", what, None, f"error: {r.get('error')}", goal, False, **extra)
+    if train is None:
+        return _target("model_pct_of_step", what, None, f"{ms:.3f} ms per call; no train record of this device, "
+                       "model and rank to compare with", goal, None, **extra)
+    pct = 100.0 * ms / train["step_ms"]
+    return _target("model_pct_of_step", what, pct, f"{pct:.2f}% ({ms:.3f} ms of a {train['step_ms']:.1f} ms "
+                   f"{train['contender']} step, {train['record']})", goal, pct < TARGET_MODEL_PCT_STEP,
+                   train_step=train, **extra)
+
+
+def _uniq(seq):
+    out = []
+    for x in seq:
+        if x not in out:
+            out.append(x)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- output
+def _size(n) -> str:
+    return f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.2f} MiB"
 
 
 def _mib(v):
@@ -208,9 +513,16 @@ def _mib(v):
 
 COLUMNS = [
     ("shape", "W (out x in)", ""), ("r", "r", "d"), ("dtype", "W", ""), ("factor_dtype", "A,B", ""),
-    ("label", "contender", ""), ("median_ms", "median ms", ".4f"), ("p20_ms", "p20", ".4f"),
-    ("p80_ms", "p80", ".4f"), ("gbps", "GB/s", ".1f"), ("pct_copy", "% copy", ".1f"),
-    ("peak_mib", "peak extra MiB", ".2f"), ("first_mib", "first call MiB", ".2f"), ("status", "note", ""),
+    ("contender", "contender", ""), ("impl", "impl", ""), ("median_ms", "median ms", ".4f"),
+    ("p20_ms", "p20", ".4f"), ("p80_ms", "p80", ".4f"), ("pct_copy", "% copy", ".1f"), ("passes", "floor", "g"),
+    ("pct_floor", "% floor", ".1f"), ("x_vs_peft", "x peft", ".2f"), ("x_vs_safe_merge", "x safe", ".2f"),
+    ("peak_mib", "peak extra MiB", ".2f"), ("status", "note", ""),
+]
+MODEL_COLUMNS = [
+    ("contender", "contender", ""), ("model", "model", ""), ("layers", "layers", "d"), ("w_gb", "W GB", ".2f"),
+    ("factor_dtype", "A,B", ""), ("impl", "impl", ""), ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"),
+    ("p80_ms", "p80", ".3f"), ("floor_ms", "floor ms", ".3f"), ("pct_floor", "% floor", ".1f"),
+    ("pct_of_step", "% of step", ".2f"), ("peak_mib", "peak extra MiB", ".2f"), ("status", "note", ""),
 ]
 
 
@@ -218,139 +530,236 @@ def display_rows(rows):
     out = []
     for r in rows:
         d = dict(r)
-        d["shape"] = f"{r['out']}x{r['in']}"
+        if r.get("scope", "layer") == "layer":
+            d["shape"] = f"{r['out']}x{r['in']}"
+        d["w_gb"] = r["w_bytes"] / 1e9
         d["peak_mib"] = _mib(r.get("peak_extra_bytes"))
-        d["first_mib"] = _mib(r.get("peak_extra_first_bytes"))
         d["status"] = r.get("skipped") and f"skipped: {r['skipped']}" or r.get("error") or r.get("note") or ""
         out.append(d)
     return out
 
 
-def _targets(rows, on_gpu):
-    if not on_gpu:
-        return []
-    out = []
-    for r in rows:
-        if ((r["out"], r["in"]) == TARGET_SHAPE and r["r"] == TARGET_RANK and r["dtype"] == "bf16"
-                and r["contender"] in ("unload_ nearest", "unload_ stochastic", "merge_ nearest",
-                                       "merge_ stochastic", "cuda nearest", "cuda stochastic")
-                and r.get("pct_copy") is not None):
-            no_temp = r.get("peak_extra_bytes") is not None and r["peak_extra_bytes"] < 0.5 * r["w_bytes"]
-            out.append({"what": f"{r['contender']} at 8192x8192 r=16 bf16 (factors {r['factor_dtype']})",
-                        "value": r["pct_copy"], "target": f">= {TARGET_PCT}% of copy bandwidth, no W-sized temporary",
-                        "peak_extra_bytes": r.get("peak_extra_bytes"),
-                        "met": r["pct_copy"] >= TARGET_PCT and no_temp})
-    return out
+def print_rows(rows) -> None:
+    layer = [r for r in rows if r.get("scope", "layer") == "layer"]
+    model = [r for r in rows if r.get("scope") == "model"]
+    if layer:
+        common.print_table(display_rows(layer), COLUMNS)
+    if model:
+        common.print_table(display_rows(model), MODEL_COLUMNS)
 
 
 def _plot(path, rows, title, on_gpu):
-    keys = []
-    for r in rows:
-        k = (r["out"], r["in"], r["r"], r["dtype"], r["factor_dtype"])
-        if k not in keys:
-            keys.append(k)
+    layer = [r for r in rows if r.get("scope", "layer") == "layer"]
+    keys = _uniq(_key(r) for r in layer)
     groups = [f"{o}x{i} r={r} {d}" + ("" if d == f else f"/{f}") for o, i, r, d, f in keys]
 
-    def series(key):
+    def series(field):
         out = {}
         for name in CONTENDERS:
             if name == "copy":
                 continue
-            vals = []
-            for k in keys:
-                hit = [r for r in rows if (r["out"], r["in"], r["r"], r["dtype"], r["factor_dtype"]) == k
-                       and r["contender"] == name]
-                vals.append(hit[0].get(key) if hit else None)
+            vals = [next((r.get(field) for r in layer if _key(r) == k and r["contender"] == name), None)
+                    for k in keys]
             if any(v is not None for v in vals):
                 out[name] = vals
         return out
 
-    panels = [{"title": "bandwidth as % of device copy (higher is better)", "ylabel": "% of copy",
+    panels = [{"title": "merge rate as % of device copy bandwidth (higher is better)", "ylabel": "% of copy",
                "groups": groups, "series": series("pct_copy"),
-               "hlines": [(100.0, "copy"), (TARGET_PCT, f"target {TARGET_PCT:.0f}%")]}]
+               "hlines": [(100.0, "copy"), (TARGET_UNLOAD_PCT, f"unload_ target {TARGET_UNLOAD_PCT:g}%")]}]
     if on_gpu:
         panels.append({"title": "peak extra memory / |W| bytes (lower is better)", "ylabel": "x |W| bytes",
                        "groups": groups, "series": series("peak_extra_over_w"), "hlines": [(1.0, "one W")]})
+    model = [r for r in rows if r.get("scope") == "model" and r.get("median_ms")]
+    if model:
+        panel = {"title": f"whole-model unload_many_ ({model[0]['model']}, {model[0]['layers']} layers), ms per call",
+                 "ylabel": "ms", "groups": [r["contender"].removeprefix("model ") for r in model],
+                 "series": {"measured": [r["median_ms"] for r in model],
+                            "floor (1.5 passes at copy bandwidth)": [r.get("floor_ms") for r in model]}}
+        step = model[0].get("step_ms")
+        if step:
+            panel["hlines"] = [(TARGET_MODEL_PCT_STEP / 100 * step, f"{TARGET_MODEL_PCT_STEP:g}% of a step")]
+        panels.append(panel)
+    panels = [p for p in panels if p["series"]]
+    if not panels:
+        return None
     return common.plot_grouped_bars(path, panels, title)
 
 
+# ------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plora bench unload", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="one shape: 8192x8192 r=16 bf16 on a GPU (the DESIGN target); on CPU a small one")
+                   help="the target only: 8192x8192 r=16 bf16 W with bf16 and fp32 factors, and the whole-model "
+                        "unload (on CPU a small shape and a micro model)")
     p.add_argument("--dtype", default=None, help="W dtypes, comma-separated (default bf16,fp16; --quick: bf16)")
-    p.add_argument("--factor-dtype", default="same",
-                   help="dtype of A and B: 'same' as W (default), 'fp32' (PEFT's default), or 'same,fp32'")
-    p.add_argument("--sweep", action="store_true",
-                   help="add ablation rows of the raw Triton merge (tiles, FMA path, no stats, Philox rounds; GPU)")
+    p.add_argument("--factor-dtype", default=None,
+                   help="dtype of A and B: 'same' as W, 'fp32' (what training passes) or 'same,fp32'. Default: "
+                        "both on the target config, --quick and --shape runs; fp32 on the other full-run shapes")
     p.add_argument("--shape", action="append", default=None, metavar="OUT,IN",
                    help="a W shape to run instead of the defaults (repeatable)")
+    p.add_argument("--contenders", default=None,
+                   help="comma-separated subset of the per-layer contenders to time (copy always runs; '-' may "
+                        "stand for a space): " + ", ".join(c for c in CONTENDERS if c != "copy"))
+    p.add_argument("--model", default=None,
+                   help="model size whose targeted layers the whole-model unload_many_ rows merge: a 'plora bench "
+                        "train' size (tiny, small, 1b), micro (7 layers of at most 64x32), or none to skip them "
+                        "(default: 1b on a GPU, micro on CPU)")
     common.add_common_args(p)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        dtypes = common.parse_dtypes(args.dtype or ("bf16" if args.quick else "bf16,fp16"))
-        factor_modes = [f.strip().lower() for f in args.factor_dtype.split(",") if f.strip()]
-        if not factor_modes or any(f not in ("same", "fp32") for f in factor_modes):
+def _parse(argv):
+    from .train import SIZES
+
+    args = build_parser().parse_args(argv)
+    args.dtypes = common.parse_dtypes(args.dtype or ("bf16" if args.quick else "bf16,fp16"))
+    if args.factor_dtype is not None:
+        modes = [f.strip().lower() for f in args.factor_dtype.split(",") if f.strip()]
+        if not modes or any(f not in ("same", "fp32") for f in modes):
             raise ValueError("--factor-dtype takes 'same', 'fp32' or 'same,fp32'")
-        ranks = common.parse_ints(args.ranks) if args.ranks else None
-        shapes = common.parse_shapes(args.shape, 2, "OUT,IN")
+        args.factor_modes = _uniq(modes)
+    else:
+        args.factor_modes = None
+    args.rank_list = common.parse_ints(args.ranks) if args.ranks else None
+    args.shapes = common.parse_shapes(args.shape, 2, "OUT,IN")
+    # "-" may stand for a space (one shell word: --contenders unload_-stochastic,triton-write-stochastic)
+    names = [c.strip() if c.strip() in CONTENDERS else c.strip().replace("-", " ")
+             for c in (args.contenders or "").split(",") if c.strip()]
+    bad = [c for c in names if c not in CONTENDERS]
+    if bad:
+        raise ValueError(f"unknown contender(s) {bad}; choose from {', '.join(CONTENDERS)}")
+    args.names = set(names or CONTENDERS) | {"copy"}
+    if args.model is not None and args.model not in ("none", "micro", *SIZES):
+        raise ValueError(f"--model takes one of {', '.join(SIZES)}, micro or none, got {args.model!r}")
+    return args
+
+
+def configs_for(args, on_gpu: bool) -> list[tuple]:
+    """(out, in, r, W dtype, factor modes) to run."""
+    both = args.factor_modes or ["same", "fp32"]
+    if args.shapes is None and on_gpu and not args.quick:
+        rest = args.factor_modes or ["fp32"]
+        configs = [(o, i, r, d, rest) for d in args.dtypes for (o, i) in GPU_SHAPES
+                   for r in (args.rank_list or GPU_RANKS)]
+        if torch.bfloat16 in args.dtypes and not args.rank_list:
+            configs.append((*TARGET_SHAPE, TARGET_RANK, torch.bfloat16, both))
+        return configs
+    shapes = args.shapes or [TARGET_SHAPE if on_gpu else CPU_SHAPE]
+    ranks = args.rank_list or ([TARGET_RANK] if args.quick else list(GPU_RANKS))
+    return [(o, i, r, d, both) for d in args.dtypes for (o, i) in shapes for r in ranks]
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a time limit's kill) raises KeyboardInterrupt, as SIGINT does, so the rows so far are saved."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parse(list(sys.argv[1:] if argv is None else argv))
     except ValueError as exc:
         print(f"plora bench unload: {exc}", file=sys.stderr)
         return 2
 
     device, notes = common.pick_device_announced(" Peak memory is only measured on CUDA.")
     on_gpu = device.type == "cuda"
-    # (out, in, r, W dtype) configurations
-    if shapes is None and on_gpu and not args.quick:
-        configs = [(o, i, r, d) for d in dtypes for (o, i) in GPU_SHAPES for r in (ranks or GPU_RANKS)]
-        if torch.bfloat16 in dtypes and not args.ranks:
-            configs.append((*TARGET_SHAPE, TARGET_RANK, torch.bfloat16))
-    else:
-        if shapes is None:
-            shapes = [TARGET_SHAPE if on_gpu else CPU_SHAPE]
-        rks = ranks or ([TARGET_RANK] if args.quick else list(GPU_RANKS))
-        configs = [(o, i, r, d) for d in dtypes for (o, i) in shapes for r in rks]
-    notes.append(f"scaling s = {SCALING}; unload_ uses momentum {MOMENTUM} (W += (1-m) s B A, B <- m B) so "
-                 "repeated calls stay finite; the raw merge_ rows use the same coefficient (1-m) s")
+    configs = configs_for(args, on_gpu)
+    model = args.model or ("1b" if on_gpu else "micro")
+    model = None if model == "none" else model
+    notes.append(f"every contender merges c = (1 - m) s = {COEF:g} (unload_: momentum m = {MOMENTUM}, s = {SCALING}; "
+                 "B <- m B, restored after each unload_ row) so that repeated calls keep W finite; random W, A, B, "
+                 "never zeros")
+    if not on_gpu:
+        notes.append("Triton rows on CPU run in the interpreter (TRITON_INTERPRET=1): one timed call, a smoke test of "
+                     "the code path, not a timing")
 
     env = common.environment(device)
     print(f"device: {env['device_name']}  torch {env['torch']}  triton {env['triton']}", flush=True)
-    rows = []
-    for n_out, k_in, r, dtype in configs:
-        for fmode in factor_modes:
-            fdt = dtype if fmode == "same" else torch.float32
-            got = _run_config(n_out, k_in, r, dtype, fdt, device, args)
-            common.print_table(display_rows(got), COLUMNS)
-            print(flush=True)
-            rows.extend(got)
+    model_dtype = common.dtype_name(torch.bfloat16 if on_gpu else args.dtypes[0])
+    train = None
+    if model is not None:
+        train = find_train_step(env, model, MODEL_RANK, model_dtype, [args.out, common.default_out_dir()])
+        if train is not None:
+            print(f"training step to compare the whole-model unload with: {train['step_ms']:.2f} ms "
+                  f"({train['contender']}, {train['record']})", flush=True)
 
-    targets = _targets(rows, on_gpu)
+    stem = None if args.no_save else common.result_stem("unload", env, args.out)
+    payload = {
+        "benchmark": "unload", "schema": 2, "environment": env,
+        "config": {"configs": [[o, i, r, common.dtype_name(d), f] for o, i, r, d, f in configs],
+                   "quick": args.quick, "scaling": SCALING, "momentum": MOMENTUM, "coef": COEF,
+                   "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "contenders": CONTENDERS,
+                   "timed": [c for c in CONTENDERS if c in args.names],
+                   "model": model, "model_contenders": MODEL_CONTENDERS if model else {}, "train_step": train,
+                   "bytes": "2*|W|*itemsize (one read and one write of W: a copy)",
+                   "ours_backend": common.backend_label(torch.empty(1, device=device))},
+        "notes": notes, "targets": [], "complete": False,
+    }
+    rows: list[dict] = []
+
+    def save(png=None):
+        if stem is None:
+            return
+        derive(rows, train)
+        common.write_json(stem.with_suffix(".json"), {**payload, "results": [
+            {k: common.clean_float(v) for k, v in r.items()} for r in rows], "plot": png.name if png else None})
+
+    interrupted = False
+    with _sigterm_as_interrupt():
+        try:
+            for n_out, k_in, r, dtype, modes in configs:
+                for mode in modes:
+                    fdt = dtype if mode == "same" else torch.float32
+                    start = len(rows)
+                    run_config(n_out, k_in, r, dtype, fdt, device, args, args.names, rows)
+                    derive(rows, train)
+                    print_rows(rows[start:])
+                    print(flush=True)
+                    save()
+            if model is not None:
+                start = len(rows)
+                run_model(model, torch.bfloat16 if on_gpu else args.dtypes[0], device, args, rows)
+                derive(rows, train)
+                print_rows(rows[start:])
+                print(flush=True)
+        except KeyboardInterrupt as exc:
+            interrupted = True
+            why = str(exc) or "SIGINT"
+            notes.append(f"INTERRUPTED ({why}) after {len(rows)} rows: the run is incomplete")
+            print(f"plora bench unload: interrupted ({why}); saving the {len(rows)} rows so far", file=sys.stderr,
+                  flush=True)
+
+    derive(rows, train)
+    payload["targets"] = targets(rows, train) if on_gpu else []
+    payload["complete"] = not interrupted
     errors = [r for r in rows if "error" in r]
     print("== all results ==")
-    common.print_table(display_rows(rows), COLUMNS)
-    for t in targets:
-        print(f"target: {t['what']}: {t['value']:.1f}% of copy, peak extra "
-              f"{common.fmt(_mib(t['peak_extra_bytes']), '.2f')} MiB ({t['target']}) -> "
-              f"{'MET' if t['met'] else 'NOT MET'}")
-
-    if args.no_save:
-        return 1 if errors else 0
-    stem = common.result_stem("unload", env, args.out)
-    png = _plot(stem.with_suffix(".png"), rows, f"unload_ vs PEFT merge and device copy - {env['device_name']}",
-                on_gpu)
-    payload = {
-        "benchmark": "unload", "schema": 1, "environment": env,
-        "config": {"configs": [[o, i, r, common.dtype_name(d)] for o, i, r, d in configs],
-                   "factor_dtype": factor_modes, "quick": args.quick, "sweep": args.sweep, "scaling": SCALING, "momentum": MOMENTUM,
-                   "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "contenders": CONTENDERS,
-                   "bytes": "2*|W|*itemsize", "ours_backend": common.backend_label(torch.empty(1, device=device))},
-        "notes": notes, "targets": targets,
-    }
-    common.save_record(stem, payload, rows, png)
+    print_rows(rows)
+    for t in payload["targets"]:
+        met = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
+        print(f"target: {t['what']}: {t['value_text']} ({t['target']}) -> {met}")
+    if stem is not None:
+        png = None
+        with contextlib.suppress(Exception):  # a plot must not lose the record
+            png = _plot(stem.with_suffix(".png"), rows,
+                        f"unload: passes, unload_ and PEFT's merges vs device copy - {env['device_name']}", on_gpu)
+        save(png)
+        print(f"wrote {stem.with_suffix('.json')}" + (f" and {png}" if png is not None else ""), flush=True)
+    if interrupted:
+        return 130
     return 1 if errors else 0
 
 

@@ -61,7 +61,8 @@ def _error(m: Merge, label: str) -> ValueError:
     return overflow_error(m.weight, label)
 
 
-def _path(m: Merge) -> str:
+def merge_path(m: Merge) -> str:
+    """Which implementation merges ``m``: "triton", "cuda" (the csrc/ twin) or "torch" (the reference)."""
     if not use_triton(m.weight):
         return "torch"
     fp64 = torch.float64 in (m.weight.dtype, m.lora_A.dtype, m.lora_B.dtype)
@@ -109,7 +110,7 @@ def _batches(merges: Sequence[Merge]) -> list[tuple[str, list[int]]]:
     for i, m in enumerate(merges):
         if not m.weight.numel():
             continue
-        path = _path(m)
+        path = merge_path(m)
         if path == "triton":
             from .triton.unload import group_key
 

@@ -272,6 +272,7 @@ def _programs(device: torch.device, n_tiles: int, key, compiled_fn) -> int:
     per_sm = _RESIDENT.get(key)
     if per_sm is None:
         kernel = compiled_fn()
+        kernel._init_handles()  # loads the binary: its register count is known only then
         props = torch.cuda.get_device_properties(device)
         threads = 32 * kernel.metadata.num_warps
         by_regs = props.regs_per_multiprocessor // max(1, kernel.n_regs * threads)
@@ -329,12 +330,13 @@ def merge_group_(merges: Sequence, *, write: bool) -> torch.Tensor:
     factors_fp32, precision = dot_precision(w_dtype, a_dtype, b_dtype)
     args = (table, coefs, tile_starts, flag, len(merges), int(write), first.weight, first.lora_A, first.lora_B)
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(block_r, 16), DOT=dot, DOT_PRECISION=precision,
-                FACTORS_FP32=factors_fp32, ROUND=mode, SOFT_BF16=interpreting(), num_warps=warps)
+                FACTORS_FP32=factors_fp32, ROUND=mode, SOFT_BF16=interpreting(), num_warps=warps,
+                # no contraction of B A's products and sums into FMAs: the kernel then rounds exactly as the
+                # reference and the CUDA twin do (16-bit factors' products are exact either way)
+                enable_fp_fusion=False)
     key = (device.index, w_dtype, a_dtype, b_dtype, tuple(sorted((k, str(v)) for k, v in meta.items())))
     n = _programs(device, starts[-1], key, lambda: _merge_kernel.warmup(*args, grid=(1,), **meta))
-    # no contraction of B A's products and sums into FMAs: the kernel then rounds exactly as the reference and
-    # the CUDA twin do (16-bit factors' products are exact either way; this only fixes the fp32 factors' order)
-    _merge_kernel[(n,)](*args, **meta, enable_fp_fusion=False)
+    _merge_kernel[(n,)](*args, **meta)
     return flag
 
 
