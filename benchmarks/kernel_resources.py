@@ -1,11 +1,14 @@
-"""What the compiler gives each Triton kernel variant on Hopper (sm_90), without a GPU: registers, spills,
-shared memory, 16-byte accesses, MMA/TMA instructions and the warps per SM they allow.
+"""What the compiler gives each Triton kernel variant on Hopper (sm_90), without a GPU: registers, spills, shared
+memory, resident blocks per SM, atomics and fences, SASS instructions per element of the unload merge's tile
+loop, 16-byte accesses, MMA/TMA instructions.
 
-    python benchmarks/kernel_resources.py [--arch 90] [--no-save]
+    python benchmarks/kernel_resources.py [--arch 90] [--no-gemm] [--save [--out DIR]]
 
-Static facts, not timings: they explain a measured time or pick candidates for the next GPU session (the
-unload kernel's tile was chosen this way, see benchmarks/NOTES.md); only `plora bench ...` on a GPU says
-what is fast. Writes a record ``kernels-sm90-<timestamp>.json`` to benchmarks/results/ that
+Static facts, not timings: they explain a measured time or pick candidates for the next GPU session; only
+`plora bench ...` on a GPU says what is fast. The merge variants are the production ones, compiled as
+``merge_group_`` launches them (``ops.triton.aot``), both passes: ``check`` (nothing written, the non-finite
+flag) and ``write``. tests/test_kernels_compile.py holds the budgets CI enforces on the same numbers. Prints a
+table; with ``--save`` also writes a record ``kernels-sm90-<timestamp>.json`` to benchmarks/results/ that
 benchmarks/make_report.py renders in its own section.
 """
 from __future__ import annotations
@@ -15,91 +18,116 @@ import os
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # the interpreter replaces the compiler
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GEMM launches' default (the merge disables fusion)
 
 import torch  # noqa: E402
 
 from plora_kernels.bench import common  # noqa: E402
-from plora_kernels.bench.unload import SWEEP  # noqa: E402
 from plora_kernels.ops.triton import aot  # noqa: E402
 from plora_kernels.ops.triton.lora_matmul import _configs  # noqa: E402
 from plora_kernels.ops.triton.lora_matmul_tma import _configs as tma_configs  # noqa: E402
-from plora_kernels.ops.triton.unload import _blocks  # noqa: E402
 
 COLUMNS = [("kernel", "kernel", ""), ("variant", "variant", ""), ("registers", "regs", "d"),
-           ("stack_bytes", "stack B", "d"), ("shared_kib", "smem KiB", ".1f"), ("warps_per_sm", "warps/SM", "d"),
-           ("ldg128", "LDG.128", "d"), ("stg128", "STG.128", "d"), ("hgmma", "HGMMA", "d"),
-           ("tma_loads", "TMA", "d"), ("layout_conversions", "cvt", "d"), ("error", "error", "")]
+           ("stack_bytes", "stack B", "d"), ("spills", "LDL+STL", "d"), ("shared_kib", "smem KiB", ".1f"),
+           ("blocks_per_sm", "blocks/SM", "d"), ("blocks_limited_by", "limit", ""),
+           ("sass_per_element", "SASS/elem", ".1f"), ("loop_instructions", "loop SASS", "d"),
+           ("float_atomics", "float atom", "d"), ("int_atomics", "int atom", "d"), ("membar", "MEMBAR", "d"),
+           ("bar_sync", "BAR", "d"), ("ldg128", "LDG.128", "d"), ("ldg", "LDG", "d"), ("stg128", "STG.128", "d"),
+           ("hmma", "HMMA", "d"), ("hgmma", "HGMMA", "d"), ("tma_loads", "TMA", "d"),
+           ("layout_conversions", "cvt", "d"), ("error", "error", "")]
+
+# the production merge variants (W, factors, r, rounding), as tests/test_kernels_compile.py checks them
+MERGE_VARIANTS = [("bf16", "fp32", 16, "nearest"), ("bf16", "fp32", 16, "stochastic"),  # PLoRALinear's default
+                  ("bf16", "fp32", 8, "nearest"), ("bf16", "fp32", 8, "stochastic"),
+                  ("bf16", "fp32", 64, "nearest"), ("bf16", "fp32", 64, "stochastic"),
+                  ("bf16", "bf16", 16, "nearest"), ("bf16", "bf16", 16, "stochastic"),
+                  ("fp16", "fp16", 16, "nearest"), ("fp16", "fp16", 16, "stochastic"),
+                  ("fp32", "fp32", 16, "nearest"), ("fp64", "fp64", 4, "nearest")]
 
 
-def _unload_variants():
-    """(label, compile kwargs): production tiles per (r, factor dtype, rounding), then the --sweep tiles."""
-    out = []
-    for r in (8, 16, 64):
-        bm, bn, warps = _blocks(r, 2)  # bf16 W; the GPU tiles: TRITON_INTERPRET was removed at import
-        for factors in ("bf16", "fp32"):
-            for rounding, rname in ((1, "nearest"), (2, "stochastic")):
-                out.append((f"production r={r} W bf16, A,B {factors} {rname} ({bm}x{bn} w{warps})",
-                            dict(r=r, factors=factors, rounding=rounding, block_m=bm, block_n=bn, num_warps=warps)))
-    for r in (8, 16, 64):
-        bm, bn, warps = _blocks(r, 4)
-        out.append((f"production r={r} W fp32, A,B fp32 ({bm}x{bn} w{warps})",
-                    dict(w="fp32", r=r, factors="fp32", rounding=0, block_m=bm, block_n=bn, num_warps=warps)))
-    bm, bn, warps = _blocks(16, 2)
-    for label, knobs in SWEEP:
-        if label == "default" or "n_rounds" in knobs:
-            continue
-        kw = dict(r=16, factors="bf16", rounding=2, block_m=knobs.get("block_m", bm),
-                  block_n=knobs.get("block_n", bn), num_warps=knobs.get("num_warps", warps),
-                  small_r=knobs.get("small_r"), stats=knobs.get("stats", True), delta=knobs.get("delta", True))
-        out.append((f"sweep r=16 A,B bf16 stochastic [{label}]", kw))
-    return out
+def _merge_label(w, factors, r, rounding) -> str:
+    meta = aot.merge_launch(w=w, factors=factors, r=r, rounding=rounding)
+    if not meta["DOT"]:
+        product = f"{r} FMA steps"
+    elif meta["FACTORS_FP32"]:
+        product = f"fp32 dot, {meta['DOT_PRECISION']}"
+    else:
+        product = f"{factors} dot"
+    rname = {0: "no rounding", 1: "nearest", 2: "stochastic"}[meta["ROUND"]]
+    return (f"W {w}, A,B {factors}, r={r}, {rname} ({meta['BLOCK_M']}x{meta['BLOCK_N']} w{meta['num_warps']}, "
+            f"{product})")
+
+
+def _error_text(exc: BaseException) -> str:
+    """One line: the exception, where (a CompilationError's "at line:col"), and the innermost cause's message."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    head = str(exc).splitlines()[0].strip() if str(exc).strip() else ""
+    where = f" {head.rstrip(':')}" if head.startswith("at ") else ""
+    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}{where}: {type(root).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as an int (90 = Hopper)")
-    p.add_argument("--no-save", action="store_true", help="print only")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--no-gemm", action="store_true", help="the unload kernels only")
+    p.add_argument("--save", action="store_true", help="also write a JSON record (default: print only)")
+    p.add_argument("--no-save", action="store_true", help=argparse.SUPPRESS)  # the former default's opt-out
+    p.add_argument("--out", default=None, help="results folder for --save (default benchmarks/results)")
     args = p.parse_args(argv)
 
     rows = []
 
-    def add(kernel_name, label, build, warps):
+    def add(kernel_name, label, measure):
         row = {"kernel": kernel_name, "variant": label}
         try:
-            got = aot.resources(build(), warps)
-            row.update(got, shared_kib=got["shared_bytes"] / 1024)
+            got = measure()
+            row.update({k: v for k, v in got.items() if k != "meta"}, shared_kib=got["shared_bytes"] / 1024)
+            if got.get("spill_stores") is not None:
+                row["spills"] = got["spill_stores"] + got["spill_loads"]
         except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a finding too
-            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+            row["error"] = _error_text(exc)
         rows.append(row)
         print(f"{kernel_name} {label}: " + (row.get("error") or ", ".join(
             f"{h} {common.fmt(row.get(k), spec)}" for k, h, spec in COLUMNS[2:-1])), flush=True)
 
-    for label, kw in _unload_variants():
-        add("unload", label, lambda kw=kw: aot.compile_unload(arch=args.arch, **kw), kw["num_warps"])
-    # each GEMM kernel over its own autotune configs, with and without the low-rank seed
-    for name, configs, compile_fn in (("lora_matmul", _configs(), aot.compile_lora_matmul),
-                                      ("lora_matmul_tma", tma_configs(), aot.compile_lora_matmul_tma)):
-        for cfg in configs:
-            m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-            for lora in (True, False):
-                label = f"{m}x{n}x{k} s{cfg.num_stages} w{cfg.num_warps} bf16 " + ("+LoRA" if lora else "base")
-                add(name, label, lambda fn=compile_fn, lora=lora, cfg=cfg, m=m, n=n, k=k: fn(
-                    lora=lora, block_m=m, block_n=n, block_k=k, num_stages=cfg.num_stages,
-                    num_warps=cfg.num_warps, arch=args.arch), cfg.num_warps)
+    for w, factors, r, rounding in MERGE_VARIANTS:
+        label = _merge_label(w, factors, r, rounding)
+        # the order of an unload: the quick check, the write; the exact check runs only for a flagged group
+        for write, exact, name in ((False, False, "check"), (True, False, "write"), (False, True, "exact check")):
+            add("unload merge", f"{label}, {name} pass",
+                lambda w=w, f=factors, r=r, rd=rounding, wr=write, ex=exact: aot.unload_resources(
+                    w=w, factors=f, r=r, rounding=rd, write=wr, exact=ex, arch=args.arch))
+    for a in ("fp32", "bf16"):
+        add("unload init", f"fresh lora_A {a} (one {aot.INIT_TILE[0]}x{aot.INIT_TILE[1]} tile per program, "
+                           f"w{aot.INIT_TILE[2]})", lambda a=a: aot.init_resources(a=a, arch=args.arch))
+    if not args.no_gemm:
+        # each GEMM kernel over its own autotune configs, with and without the low-rank seed
+        for name, configs, compile_fn in (("lora_matmul", _configs(), aot.compile_lora_matmul),
+                                          ("lora_matmul_tma", tma_configs(), aot.compile_lora_matmul_tma)):
+            for cfg in configs:
+                m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+                for lora in (True, False):
+                    label = f"{m}x{n}x{k} s{cfg.num_stages} w{cfg.num_warps} bf16 " + ("+LoRA" if lora else "base")
+                    add(name, label, lambda fn=compile_fn, lora=lora, cfg=cfg, m=m, n=n, k=k: aot.resources(fn(
+                        lora=lora, block_m=m, block_n=n, block_k=k, num_stages=cfg.num_stages,
+                        num_warps=cfg.num_warps, arch=args.arch), cfg.num_warps))
     print()
     common.print_table(rows, COLUMNS)
-    if args.no_save:
+    if not args.save or args.no_save:
         return 0
     env = common.environment(torch.device("cpu"))
     env["device_slug"] = f"sm{args.arch}"
     stem = common.result_stem("kernels", env, args.out)
-    payload = {"benchmark": "kernels", "schema": 1, "environment": env,
+    payload = {"benchmark": "kernels", "schema": 2, "environment": env,
                "config": {"arch": args.arch, "static": True},
                "notes": [f"compiled for sm_{args.arch} on a machine without a GPU (ops.triton.aot); registers and "
-                         "stack from the cubin (cuobjdump), warps/SM estimated from registers, shared memory and "
-                         "the 64-warp limit. Static facts, not timings."]}
+                         "stack from the cubin (cuobjdump); blocks/SM from registers (65536 per SM, 256 per warp "
+                         "at a time), shared memory (228 KiB, 1 KiB reserved per block), 2048 threads and 32 "
+                         "blocks; SASS/elem = instructions in one iteration of the merge's persistent tile loop "
+                         "per element a thread handles in it (aot.tile_loop). Static facts, not timings."]}
     common.save_record(stem, payload, rows, None)
     return 0
 

@@ -11,6 +11,8 @@
 //   delta  = 0 + sum_{k = 0..R-1} fl32(float(B[i,k]) * float(A[k,j]))   k in increasing order, every product
 //                                                                       and sum rounded (no FMA contraction)
 //   v      = fl32(float(W[i,j]) + fl32(coef * delta))                   coef rounded to fp32 first
+//   (the sum starts from +0 as the Triton kernel's does; merge_value starts from the first product, so the two
+//   differ only in the sign of an exact zero where W is -0 and every product is -0)
 //   fp32 W: no rounding. fp16 / bf16 W:
 //     nearest    : round-to-nearest-even (the hardware conversion on the device, an exact bit-level RNE on
 //                  the host);
@@ -229,6 +231,14 @@ PLORA_HD float load_factor(const void* base, int dtype, int64_t index) {
   }
 }
 
+// a factor element of a compile-time dtype, as fp32 (exact)
+template <int DT>
+PLORA_HD float factor_at(const void* base, int64_t index) {
+  if (DT == DT_F16) return half_to_float(static_cast<const uint16_t*>(base)[index]);
+  if (DT == DT_BF16) return bf16_to_float(static_cast<const uint16_t*>(base)[index]);
+  return static_cast<const float*>(base)[index];
+}
+
 // the per-element epilogue: v = w + coef * delta, rounded once into W's dtype
 template <int WDT, int ROUND>
 PLORA_HD typename WTraits<WDT>::S merge_element(typename WTraits<WDT>::S w, float delta, float coef,
@@ -245,7 +255,7 @@ struct Args {
   const void* a;
   const void* b;
   int* flag;
-  int64_t M, N, R;
+  int M, N, R;  // at most INT32_MAX - 1024 (M, N) and INT32_MAX (R): see check_args
   int64_t s_wm, s_wn, s_ar, s_an, s_bm, s_br;
   int a_dt, b_dt;
   float coef;
@@ -255,21 +265,41 @@ struct Args {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// GPU kernel: a grid-stride loop over BM x BN tiles of W (consecutive tiles walk along a row panel). In a
-// tile, 32 threads along N each own one 16-byte vector (VEC elements: 8 of a 16-bit W, one Philox group; 4 of
-// an fp32 W) and 8 warps along M each own ROWS rows spaced 8 apart, so a warp touches 512 contiguous bytes of
-// a row. Per tile: (1) W's vectors are loaded first, so their latency hides behind (2) the low-rank product:
-// the A column panel and B row panel pass through shared memory as fp32 in chunks of KC ranks and each thread
-// sums its ROWS x VEC slice of B A, k in increasing order; (3) one Philox call per row vector, the rounding,
-// and the store (write pass) or the finiteness test (check pass). The check pass reduces "any non-finite" over
-// the block once, at the end, and publishes it with one relaxed integer atomic.
-constexpr int TX = 32, TY = 8, ROWS = 4, KC = 16, THREADS = TX * TY;
+// GPU kernel: a grid-stride loop over BM x BN tiles of W (consecutive tiles walk along a row panel, so
+// neighbouring blocks share B's rows in cache); the grid is the compiled kernel's resident blocks per SM times
+// the SMs. In a tile, 32 threads along N each own one 16-byte vector (VEC elements: 8 of a 16-bit W, exactly one
+// Philox group; 4 of an fp32 W) and 8 warps along M each own ROWS rows spaced 8 apart, so a warp touches 512
+// contiguous bytes of a row. Per tile:
+//   1. W's vectors are loaded first, so their latency hides behind the product;
+//   2. the A column panel and the B row panel pass through shared memory as fp32, in chunks of KC ranks (A with
+//      four loads in flight per thread); each thread sums its ROWS x VEC slice of B A, k in increasing order;
+//   3. one Philox call per row vector, the rounding, then the vector store (write pass) or the finiteness test
+//      (check pass); rows that are ragged, misaligned or strided along N take a scalar path.
+// The check pass reduces "any non-finite" over the block once, after its last tile (__syncthreads_or), and
+// publishes it with at most one relaxed integer atomic (atomicOr) per block.
+constexpr int TX = 32, TY = 8, ROWS = 2, KC = 16, THREADS = TX * TY;
 constexpr int BM = TY * ROWS;
 
 template <int WDT> struct Tile {
   static constexpr int VEC = 16 / static_cast<int>(sizeof(typename WTraits<WDT>::S));
   static constexpr int BN = TX * VEC;
 };
+
+// A's rows kk0, kk0 + KSTEP, ... below kn of one column (element index `at`, `step` apart) into column jj of
+// the shared panel as fp32, four loads in flight; `in`: the column is inside W (else zeros)
+template <int DT, int BN, int KSTEP>
+__device__ __forceinline__ void stage_a(float (*As)[BN], const void* a, int64_t at, int64_t step, int kk0, int kn,
+                                        int jj, bool in) {
+  int kk = kk0;
+  for (; kk + 3 * KSTEP < kn; kk += 4 * KSTEP, at += 4 * step) {
+    float t[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) t[q] = in ? factor_at<DT>(a, at + q * step) : 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) As[kk + q * KSTEP][jj] = t[q];
+  }
+  for (; kk < kn; kk += KSTEP, at += step) As[kk][jj] = in ? factor_at<DT>(a, at) : 0.0f;
+}
 
 template <int WDT, int ROUND>
 __global__ void __launch_bounds__(THREADS) merge_kernel(const Args p) {
@@ -285,29 +315,29 @@ __global__ void __launch_bounds__(THREADS) merge_kernel(const Args p) {
   };
 
   const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
-  const int64_t grid_n = (p.N + BN - 1) / BN;
-  const int64_t n_tiles = ((p.M + BM - 1) / BM) * grid_n;
+  const int grid_n = (p.N + BN - 1) / BN;
+  const int n_tiles = ((p.M + BM - 1) / BM) * grid_n;  // below 2^31: the launcher checks
   S* const w = static_cast<S*>(p.w);
   bool bad = false;
 
-  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {  // block-uniform: the syncs are safe
-    const int64_t m0 = (tile / grid_n) * BM, n0 = (tile % grid_n) * BN;
-    const int64_t j0 = n0 + tx * VEC;
+  for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {  // block-uniform: the syncs are safe
+    const int m0 = (tile / grid_n) * BM, n0 = (tile % grid_n) * BN;
+    const int j0 = n0 + tx * VEC;  // no overflow: N <= INT32_MAX - 1024
 
     // 1. W's vectors, before the product
     Pack wv[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      const int64_t i = m0 + ty + r * TY;
+      const int i = m0 + ty + r * TY;
       wv[r].u = make_uint4(0u, 0u, 0u, 0u);
       if (i < p.M && j0 < p.N) {
-        const S* row = w + i * p.s_wm;
+        const S* row = w + static_cast<int64_t>(i) * p.s_wm;
         if (p.s_wn == 1 && j0 + VEC <= p.N && (reinterpret_cast<uintptr_t>(row + j0) & 15u) == 0) {
           wv[r].u = *reinterpret_cast<const uint4*>(row + j0);
         } else {  // ragged tail, misaligned rows or a strided last dimension
 #pragma unroll
           for (int v = 0; v < VEC; ++v)
-            if (j0 + v < p.N) wv[r].e[v] = row[(j0 + v) * p.s_wn];
+            if (j0 + v < p.N) wv[r].e[v] = row[static_cast<int64_t>(j0 + v) * p.s_wn];
         }
       }
     }
@@ -318,20 +348,28 @@ __global__ void __launch_bounds__(THREADS) merge_kernel(const Args p) {
     for (int r = 0; r < ROWS; ++r)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) acc[r][v] = 0.0f;
-    for (int64_t kc = 0; kc < p.R; kc += KC) {
+    for (int kc = 0; kc < p.R; kc += KC) {
+      const int kn = p.R - kc < KC ? p.R - kc : KC;  // ranks in this chunk
       __syncthreads();  // the previous chunk (or tile) is done with the panels
-      for (int idx = tid; idx < KC * BN; idx += THREADS) {
-        const int kk = idx / BN, jj = idx % BN;
-        const int64_t k = kc + kk, j = n0 + jj;
-        As[kk][jj] = (k < p.R && j < p.N) ? load_factor(p.a, p.a_dt, k * p.s_ar + j * p.s_an) : 0.0f;
+      {  // A's rows kc .. kc + kn - 1 over the tile's columns: thread tid stages column tid % BN
+        constexpr int KSTEP = THREADS / BN;  // 1 for a 16-bit W, 2 for fp32
+        const int jj = tid % BN;
+        const int j = n0 + jj;
+        const int64_t step_a = KSTEP * p.s_ar;
+        const int64_t at = static_cast<int64_t>(kc + tid / BN) * p.s_ar + static_cast<int64_t>(j) * p.s_an;
+        if (p.a_dt == DT_F16) stage_a<DT_F16, BN, KSTEP>(As, p.a, at, step_a, tid / BN, kn, jj, j < p.N);
+        else if (p.a_dt == DT_BF16) stage_a<DT_BF16, BN, KSTEP>(As, p.a, at, step_a, tid / BN, kn, jj, j < p.N);
+        else stage_a<DT_F32, BN, KSTEP>(As, p.a, at, step_a, tid / BN, kn, jj, j < p.N);
       }
-      for (int idx = tid; idx < BM * KC; idx += THREADS) {
-        const int ii = idx / KC, kk = idx % KC;
-        const int64_t i = m0 + ii, k = kc + kk;
-        Bs[ii][kk] = (i < p.M && k < p.R) ? load_factor(p.b, p.b_dt, i * p.s_bm + k * p.s_br) : 0.0f;
+      {  // B's rows of the tile over the chunk's ranks: BM * KC <= THREADS, one element per thread
+        static_assert(BM * KC <= THREADS, "one B element per thread");
+        const int ii = tid / KC, kk = tid % KC;
+        const int i = m0 + ii;
+        if (ii < BM && kk < kn)
+          Bs[ii][kk] = i < p.M ? load_factor(p.b, p.b_dt, static_cast<int64_t>(i) * p.s_bm +
+                                                          static_cast<int64_t>(kc + kk) * p.s_br) : 0.0f;
       }
       __syncthreads();
-      const int kn = p.R - kc < KC ? static_cast<int>(p.R - kc) : KC;
       auto step = [&](int kk) {
         float av[VEC];
 #pragma unroll
@@ -357,7 +395,7 @@ __global__ void __launch_bounds__(THREADS) merge_kernel(const Args p) {
     // 3. round, then store or test
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      const int64_t i = m0 + ty + r * TY;
+      const int i = m0 + ty + r * TY;
       if (i >= p.M || j0 >= p.N) continue;
       uint32_t words[4] = {0u, 0u, 0u, 0u};
       // j0 % 8 == 0: the vector is one Philox group, so element v takes bits16_of(words, v)
@@ -370,13 +408,13 @@ __global__ void __launch_bounds__(THREADS) merge_kernel(const Args p) {
         if (!p.write && j0 + v < p.N) bad |= !Tr::finite(out.e[v]);
       }
       if (p.write) {
-        S* row = w + i * p.s_wm;
+        S* row = w + static_cast<int64_t>(i) * p.s_wm;
         if (p.s_wn == 1 && j0 + VEC <= p.N && (reinterpret_cast<uintptr_t>(row + j0) & 15u) == 0) {
           *reinterpret_cast<uint4*>(row + j0) = out.u;
         } else {
 #pragma unroll
           for (int v = 0; v < VEC; ++v)
-            if (j0 + v < p.N) row[(j0 + v) * p.s_wn] = out.e[v];
+            if (j0 + v < p.N) row[static_cast<int64_t>(j0 + v) * p.s_wn] = out.e[v];
         }
       }
     }
@@ -421,34 +459,43 @@ inline int effective_rounding(int w_dt, int rounding) {
   return (rounding == ROUND_NEAREST || rounding == ROUND_STOCHASTIC) ? rounding : -1;
 }
 
-inline int check_args(const Args& p, int w_dt, int rounding) {
+// M and N leave room for a tile past the last row or column in 32-bit indices
+constexpr int64_t MAX_MN = INT32_MAX - 1024;
+
+inline int check_args(const Args& p, int w_dt, int rounding, int64_t M, int64_t N, int64_t R) {
   if (!valid_dtype(w_dt) || !valid_dtype(p.a_dt) || !valid_dtype(p.b_dt)) return E_DTYPE;
   if (rounding < ROUND_NONE || rounding > ROUND_STOCHASTIC || effective_rounding(w_dt, rounding) < 0)
     return E_ROUNDING;
-  if (p.M < 0 || p.N < 0 || p.R < 0 || p.M > INT32_MAX || p.N > INT32_MAX || p.R > INT32_MAX) return E_SIZE;
+  if (M < 0 || N < 0 || R < 0 || M > MAX_MN || N > MAX_MN || R > INT32_MAX) return E_SIZE;
   if (p.flag == nullptr) return E_NULL;
   if (p.M > 0 && p.N > 0 && (p.w == nullptr || (p.R > 0 && (p.a == nullptr || p.b == nullptr)))) return E_NULL;
   return OK;
 }
 
-// blocks of a kernel resident per SM, from the compiled kernel (asked once per kernel; 0 on an error)
+// blocks of a kernel resident per SM, from the compiled kernel (asked once per kernel and process: the GPUs of a
+// process are assumed alike; another count only changes the grid, which the grid-stride loop handles)
 template <int WDT, int ROUND>
-int blocks_per_sm() {
+cudaError_t blocks_per_sm(int* n) {
   static std::atomic<int> cached{0};
-  int n = cached.load(std::memory_order_relaxed);
-  if (n == 0) {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, merge_kernel<WDT, ROUND>, THREADS, 0) != cudaSuccess)
-      return 0;
-    cached.store(n, std::memory_order_relaxed);
+  int v = cached.load(std::memory_order_relaxed);
+  if (v == 0) {
+    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, merge_kernel<WDT, ROUND>, THREADS, 0);
+    if (e != cudaSuccess) return e;
+    v = v < 1 ? 1 : v;
+    cached.store(v, std::memory_order_relaxed);
   }
-  return n;
+  *n = v;
+  return cudaSuccess;
 }
 
+// the grid: resident blocks per SM times the SMs, capped at the number of tiles
 template <int WDT, int ROUND>
 int launch_typed(const Args& p, int sm_count, cudaStream_t stream) {
-  const int64_t tiles = ((p.M + BM - 1) / BM) * ((p.N + Tile<WDT>::BN - 1) / Tile<WDT>::BN);
-  const int per_sm = blocks_per_sm<WDT, ROUND>();
-  if (per_sm <= 0) return static_cast<int>(cudaGetLastError());
+  const int64_t tiles = (static_cast<int64_t>(p.M + BM - 1) / BM) * ((p.N + Tile<WDT>::BN - 1) / Tile<WDT>::BN);
+  if (tiles > INT32_MAX) return E_SIZE;
+  int per_sm = 0;
+  const cudaError_t e = blocks_per_sm<WDT, ROUND>(&per_sm);
+  if (e != cudaSuccess) return static_cast<int>(e);
   int64_t grid = static_cast<int64_t>(per_sm) * (sm_count > 0 ? sm_count : 1);
   if (grid > tiles) grid = tiles;
   merge_kernel<WDT, ROUND><<<static_cast<unsigned>(grid), THREADS, 0, stream>>>(p);
@@ -460,7 +507,7 @@ inline Args make_args(void* w, const void* a, int a_dt, const void* b, int b_dt,
                       float coef, uint64_t seed, uint32_t row_offset, int write) {
   Args p;
   p.w = w; p.a = a; p.b = b; p.flag = reinterpret_cast<int*>(flag);
-  p.M = M; p.N = N; p.R = R;
+  p.M = static_cast<int>(M); p.N = static_cast<int>(N); p.R = static_cast<int>(R);  // checked after
   p.s_wm = s_wm; p.s_wn = s_wn; p.s_ar = s_ar; p.s_an = s_an; p.s_bm = s_bm; p.s_br = s_br;
   p.a_dt = a_dt; p.b_dt = b_dt; p.coef = coef; p.seed = seed; p.row_offset = row_offset; p.write = write ? 1 : 0;
   return p;
@@ -488,7 +535,7 @@ int plora_unload_launch(void* w, int w_dt, const void* a, int a_dt, const void* 
   using namespace plora;
   const Args p = make_args(w, a, a_dt, b, b_dt, flag, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, coef, seed,
                            row_offset, write);
-  const int err = check_args(p, w_dt, rounding);
+  const int err = check_args(p, w_dt, rounding, M, N, R);
   if (err != OK) return err;
   if (M == 0 || N == 0) return OK;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -508,7 +555,7 @@ int plora_unload_host(void* w, int w_dt, const void* a, int a_dt, const void* b,
   using namespace plora;
   const Args p = make_args(w, a, a_dt, b, b_dt, flag, M, N, R, s_wm, s_wn, s_ar, s_an, s_bm, s_br, coef, seed,
                            row_offset, write);
-  const int err = check_args(p, w_dt, rounding);
+  const int err = check_args(p, w_dt, rounding, M, N, R);
   if (err != OK) return err;
   const int mode = effective_rounding(w_dt, rounding);
   if (w_dt == DT_F32) merge_host<DT_F32, ROUND_NONE>(p);
@@ -533,7 +580,7 @@ const char* plora_unload_error_string(int code) {
     case plora::OK: return "ok";
     case plora::E_DTYPE: return "unsupported dtype code (0 fp32, 1 fp16, 2 bf16)";
     case plora::E_ROUNDING: return "bad rounding code (a 16-bit W needs 1 nearest or 2 stochastic)";
-    case plora::E_SIZE: return "sizes out of range (M, N, R must be in [0, 2^31))";
+    case plora::E_SIZE: return "sizes out of range (M, N in [0, 2^31 - 1024], R in [0, 2^31), below 2^31 tiles)";
     case plora::E_NULL: return "null pointer";
     default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown error";
   }

@@ -1,17 +1,43 @@
-"""Which implementation runs an op: the Triton kernels or the pure-torch reference.
+"""Which implementation runs each op: one resolver, one precedence, and ``plora info`` asks it too.
 
-``PLORA_BACKEND=auto|triton|torch`` overrides the default (auto: Triton for CUDA tensors when Triton is
-importable, the reference otherwise). ``TRITON_INTERPRET=1`` lets the Triton kernels run on CPU tensors,
-which is how CI exercises them.
+Ops and their implementations:
+- ``lora_linear`` (forward and backward): ``torch`` (the cuBLAS composition, also the CPU path), ``triton``
+  (the portable fused kernel), ``triton-tma`` (Hopper: TMA descriptors and a persistent grid);
+- ``unload`` (the merge): ``torch`` (the reference; it materialises the merged W), ``triton`` (the grouped
+  in-place kernel), ``cuda`` (the csrc/ twin).
+
+Precedence, first match wins:
+1. a choice in code: ``with plora_kernels.implementation(lora_linear="triton"): ...`` (tests and benchmarks
+   use it instead of touching ``os.environ``);
+2. environment variables: ``PLORA_LINEAR_KERNEL`` / ``PLORA_UNLOAD_KERNEL`` for one op, then
+   ``PLORA_BACKEND=torch|triton|auto`` for every op (``triton`` means each op's Triton kernel);
+3. the measured default (``defaults.py``): per GPU architecture, op, dtype and size bucket, the implementation
+   recorded fastest in ``benchmarks/results/``; where nothing was measured, the safe default (the cuBLAS
+   composition for ``lora_linear``; the Triton kernel for ``unload``, the only path without a W-sized temporary).
+
+CPU tensors run ``torch``, unless a choice above asks for Triton and ``TRITON_INTERPRET=1`` lets it run there
+(that is how CI tests the kernels).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+IMPLEMENTATIONS = {
+    "lora_linear": ("torch", "triton", "triton-tma"),
+    "unload": ("torch", "triton", "cuda"),
+}
+ENV_VARS = {"lora_linear": "PLORA_LINEAR_KERNEL", "unload": "PLORA_UNLOAD_KERNEL"}
+# the earlier names of the two environment variables' values, and what they mean now
+LINEAR_KERNELS = IMPLEMENTATIONS["lora_linear"]
+UNLOAD_KERNELS = IMPLEMENTATIONS["unload"]
+
+_chosen: contextvars.ContextVar[dict] = contextvars.ContextVar("plora_implementation", default={})
 
 
 def interpreting() -> bool:
@@ -28,6 +54,29 @@ def triton_available() -> bool:
     return True
 
 
+def _check_choice(op: str, name, source: str) -> str:
+    if op not in IMPLEMENTATIONS:
+        raise ValueError(f"op must be one of {tuple(IMPLEMENTATIONS)}, got {op!r}")
+    if not isinstance(name, str) or name.strip().lower() not in IMPLEMENTATIONS[op]:
+        raise ValueError(f"{source} must be one of {IMPLEMENTATIONS[op]}, got {name!r}")
+    return name.strip().lower()
+
+
+@contextlib.contextmanager
+def implementation(**choices: str | None):
+    """Run ``op=implementation`` in this block (this thread / task only), above any environment variable.
+
+    ``with implementation(lora_linear="torch", unload="triton"): ...``; None leaves an op to the next rule.
+    """
+    checked = {op: _check_choice(op, name, f"implementation({op}=...)") for op, name in choices.items()
+               if name is not None}
+    token = _chosen.set({**_chosen.get(), **checked})
+    try:
+        yield
+    finally:
+        _chosen.reset(token)
+
+
 def requested_backend() -> str:
     name = os.environ.get("PLORA_BACKEND", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
@@ -35,66 +84,81 @@ def requested_backend() -> str:
     return name
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether an op on tensor ``t`` should run the Triton kernels."""
-    name = requested_backend()
+def _requested(op: str) -> tuple[str | None, str]:
+    """(the implementation asked for, where the ask came from), or (None, "default")."""
+    if op in _chosen.get():
+        return _chosen.get()[op], "code"
+    env = os.environ.get(ENV_VARS[op], "").strip()
+    if env:
+        return _check_choice(op, env, ENV_VARS[op]), ENV_VARS[op]
+    backend = requested_backend()
+    if backend != "auto":
+        return backend, "PLORA_BACKEND"
+    return None, "default"
+
+
+def requested_linear_kernel() -> str | None:
+    """The lora_linear implementation asked for in code or the environment, or None (the measured default)."""
+    return _requested("lora_linear")[0]
+
+
+def requested_unload_kernel() -> str | None:
+    """The unload implementation asked for in code or the environment, or None (the measured default)."""
+    return _requested("unload")[0]
+
+
+def _runnable(name: str, device: torch.device) -> str | None:
+    """Why ``name`` cannot run on ``device`` here, or None."""
     if name == "torch":
-        return False
-    runnable = triton_available() and (t.is_cuda or (interpreting() and t.device.type == "cpu"))
-    if name == "triton" and not runnable:
-        raise RuntimeError(
-            "PLORA_BACKEND=triton needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
-            f"got a tensor on {t.device} with triton {'installed' if triton_available() else 'missing'}"
-        )
-    if name == "auto":
-        return triton_available() and t.is_cuda
-    return True
+        return None
+    if name.startswith("triton"):
+        if not triton_available():
+            return "Triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+            return None
+        return f"Triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a tensor on {device}"
+    if name == "cuda":
+        return None if device.type == "cuda" else f"the csrc/ CUDA kernel runs CUDA tensors, got {device}"
+    return f"unknown implementation {name!r}"
 
 
-LINEAR_KERNELS = ("triton", "triton-tma", "torch")
-UNLOAD_KERNELS = ("triton", "cuda")
+def resolve(op: str, t: torch.Tensor, *, dtype: torch.dtype | None = None, size: int | None = None) -> str:
+    """The implementation that runs ``op`` on tensors like ``t`` (its device; ``dtype`` and ``size``, e.g. the
+    number of rows of x, pick the measured default's bucket)."""
+    name, source = _requested(op)
+    if name is not None:
+        why = _runnable(name, t.device)
+        if why is not None:
+            if source == "PLORA_BACKEND" and name == "triton" and t.device.type == "cpu" and not interpreting():
+                raise RuntimeError("PLORA_BACKEND=triton needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for "
+                                   f"CPU tensors); {why}")
+            raise RuntimeError(f"{source} asks for {op}={name}, which cannot run here: {why}")
+        return name
+    if t.device.type != "cuda":
+        return "torch"
+    from .defaults import measured_default
+
+    return measured_default(op, t.device, dtype or t.dtype, size)
 
 
-def requested_linear_kernel() -> str:
-    """``PLORA_LINEAR_KERNEL=triton|triton-tma|torch``: torch keeps only lora_linear on the cuBLAS composition
-    (measured faster on an H200 until the fused kernel is tuned: benchmarks/NOTES.md) while unload_ keeps its
-    kernel; triton-tma runs the big GEMMs on the TMA/persistent kernel (not yet timed)."""
-    name = os.environ.get("PLORA_LINEAR_KERNEL", "triton").strip().lower() or "triton"
-    if name not in LINEAR_KERNELS:
-        raise ValueError(f"PLORA_LINEAR_KERNEL must be one of {LINEAR_KERNELS}, got {name!r}")
-    return name
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the unload on ``t`` runs a kernel (Triton or the CUDA twin) rather than the torch reference."""
+    return resolve("unload", t) != "torch"
 
 
-def use_triton_linear(t: torch.Tensor) -> bool:
-    """Whether lora_linear on ``t`` runs the Triton kernels: :func:`use_triton` and :func:`requested_linear_kernel`."""
-    return use_triton(t) and requested_linear_kernel() != "torch"
-
-
-def requested_unload_kernel() -> str:
-    """``PLORA_UNLOAD_KERNEL=triton|cuda``: which kernel merges CUDA weights (default triton; cuda is the
-    csrc/ twin, built with nvcc on first use). CPU tensors under the interpreter always use Triton."""
-    name = os.environ.get("PLORA_UNLOAD_KERNEL", "triton").strip().lower() or "triton"
-    if name not in UNLOAD_KERNELS:
-        raise ValueError(f"PLORA_UNLOAD_KERNEL must be one of {UNLOAD_KERNELS}, got {name!r}")
-    return name
-
-
-def describe() -> dict[str, str]:
-    """What the ops will run on CPU and on CUDA tensors, for ``plora info``."""
-    name = requested_backend()
-    have = triton_available()
-    if name == "torch" or not have:
-        cpu = "torch reference"
-    elif name == "triton" and interpreting():
-        cpu = "triton (interpreter)"
-    elif name == "triton":
-        cpu = "error: PLORA_BACKEND=triton on CPU needs TRITON_INTERPRET=1"
-    else:  # auto keeps CPU tensors on the reference even when interpreting
-        cpu = "torch reference"
-    cuda = "triton" if name != "torch" and have else "torch reference"
-    if cuda == "triton":
-        linear = requested_linear_kernel()
-        unload = "csrc CUDA kernel" if requested_unload_kernel() == "cuda" else "triton"
-        if (linear, unload) != ("triton", "triton"):
-            cuda = f"lora_linear: {linear}, unload_: {unload}"
-    return {"cpu": cpu, "cuda": cuda}
+def describe(devices=None) -> dict[str, dict[str, str]]:
+    """What each op will run on each device kind, for ``plora info``: {device: {op: implementation (source)}}."""
+    out: dict[str, dict[str, str]] = {}
+    kinds = devices if devices is not None else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for kind in kinds:
+        t = torch.empty(0, device=kind)
+        row = {}
+        for op in IMPLEMENTATIONS:
+            try:
+                name = resolve(op, t, dtype=torch.bfloat16)
+                source = _requested(op)[1]
+                row[op] = f"{name} ({'measured default' if source == 'default' and kind != 'cpu' else source})"
+            except Exception as exc:  # noqa: BLE001 - reported, not raised: info must always print
+                row[op] = f"error: {exc}"
+        out[kind] = row
+    return out

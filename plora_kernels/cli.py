@@ -33,31 +33,15 @@ def _nvcc() -> str:
 
 
 def _backend_lines() -> list[tuple[str, str]]:
-    """Which implementation lora_linear and unload_ run for CPU and CUDA tensors.
-
-    ``_backend.describe()`` answers; where a tensor of that kind can be made here, the answer is checked
-    against ``_backend.use_triton`` on it (the function the ops actually call) and the latter wins."""
-    import torch
-
+    """What each op runs on each device kind here, from the resolver the ops themselves call, with the rule that
+    decided it (a choice in code, an environment variable, the measured default)."""
     from . import _backend
 
-    try:
-        described = _backend.describe()
-    except Exception as exc:  # noqa: BLE001 - e.g. a bad PLORA_BACKEND value
-        return [("backend", f"error: {exc}")]
-
-    def probe(device: str) -> str:
-        try:
-            uses = _backend.use_triton(torch.empty(1, device=device))
-        except Exception as exc:  # noqa: BLE001 - PLORA_BACKEND=triton where Triton cannot run
-            return f"error: {exc}"
-        if not uses:
-            return "torch reference"
-        return "triton (interpreter)" if device == "cpu" else "triton"
-
-    cpu = probe("cpu")
-    cuda = probe("cuda") if torch.cuda.is_available() else described.get("cuda", "unknown")
-    return [("ops on CPU tensors", cpu), ("ops on CUDA tensors", cuda)]
+    rows = []
+    for kind, ops in _backend.describe().items():
+        for op, answer in ops.items():
+            rows.append((f"{op} on {kind.upper()} tensors", answer))
+    return rows
 
 
 def info() -> dict[str, str]:
@@ -80,7 +64,8 @@ def info() -> dict[str, str]:
     else:
         rows["cuda device"] = "none"
     rows["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "(unset)")
-    rows["PLORA_BACKEND"] = os.environ.get("PLORA_BACKEND", "(unset: auto)")
+    for var in ("PLORA_BACKEND", "PLORA_LINEAR_KERNEL", "PLORA_UNLOAD_KERNEL"):
+        rows[var] = os.environ.get(var, "(unset)")
     rows.update(_backend_lines())
     rows["nvcc"] = _nvcc()
     return rows

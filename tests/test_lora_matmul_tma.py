@@ -55,7 +55,7 @@ def test_poisoned_output_is_fully_written(tma):
     x = torch.randn(67, 96, device=DEVICE)
     W = torch.randn(72, 96, device=DEVICE)
     out = poison_(torch.empty(67, 72, device=DEVICE))
-    lora_matmul(x, W.t(), out=out)
+    lora_matmul(x, W.t(), out=out, tma=True)
     assert len(tma) == 1 and torch.isfinite(out).all()
     assert rel_err(out, x.double() @ W.double().T) < TOL[torch.float32]
 

@@ -167,16 +167,16 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     return int(peak)
 
 
-def backend_label(t: torch.Tensor) -> str:
-    """What our ops run for tensors like ``t``: "triton", "triton (interpreter)" or "torch reference"."""
-    from .._backend import interpreting, use_triton
+def backend_label(t: torch.Tensor, op: str = "lora_linear", size: int | None = None) -> str:
+    """The implementation the resolver picks for ``op`` on tensors like ``t`` (the name the ops run by), with
+    " (interpreter)" for Triton on CPU tensors."""
+    from .._backend import interpreting, resolve
 
     try:
-        if use_triton(t):
-            return "triton (interpreter)" if interpreting() and t.device.type == "cpu" else "triton"
-        return "torch reference"
-    except Exception as exc:  # noqa: BLE001 - PLORA_BACKEND=triton where it cannot run
+        name = resolve(op, t, size=size)
+    except Exception as exc:  # noqa: BLE001 - an implementation asked for that cannot run here
         return f"error: {exc}"
+    return f"{name} (interpreter)" if name != "torch" and interpreting() and t.device.type == "cpu" else name
 
 
 # ---------------------------------------------------------------------------------------- environment

@@ -705,7 +705,7 @@ def main(argv=None) -> int:
                    "timed": [c for c in CONTENDERS if c in args.names],
                    "model": model, "model_contenders": MODEL_CONTENDERS if model else {}, "train_step": train,
                    "bytes": "2*|W|*itemsize (one read and one write of W: a copy)",
-                   "ours_backend": common.backend_label(torch.empty(1, device=device))},
+                   "ours_backend": common.backend_label(torch.empty(1, device=device), "unload")},
         "notes": notes, "targets": [], "complete": False,
     }
     rows: list[dict] = []

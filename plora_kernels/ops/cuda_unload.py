@@ -60,7 +60,7 @@ def nvcc_path() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nvcc_version(nvcc: str) -> str:
     return subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
 
@@ -132,7 +132,7 @@ def build(verbose: bool = False) -> Path:
     cmd = [nvcc, *FLAGS, "-o", tmp, str(SOURCE)]
     if verbose:
         print(" ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
         raise RuntimeError(f"plora CUDA unload: nvcc failed (exit {proc.returncode})\n$ {' '.join(cmd)}\n"
@@ -151,7 +151,7 @@ _COMMON = [_P, _INT, _P, _INT, _P, _INT, _P, _I64, _I64, _I64, _I64, _I64, _I64,
            ctypes.c_uint32, _INT, _INT]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     lib.plora_unload_abi_version.restype = _INT
@@ -180,7 +180,7 @@ def _check(lib: ctypes.CDLL, code: int, what: str) -> None:
                            f"{lib.plora_unload_error_string(code).decode()}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

@@ -2,7 +2,7 @@
 
 Two ops carry the work, so torch.compile sees them as single nodes (no graph breaks):
 ``plora::lora_linear_fwd`` returns (y, xa) and ``plora::lora_linear_bwd`` returns (dx, dA, dB). Each picks
-its backend per call (see :mod:`plora_kernels._backend`). Backward saves only x and the M x r ``xa``.
+its implementation per call from the resolver (:mod:`plora_kernels._backend`). Backward saves only x and the M x r ``xa``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import use_triton_linear
+from .._backend import resolve
 from . import reference
 from .checks import check_linear_args
 
@@ -20,11 +20,13 @@ from .checks import check_linear_args
 def lora_linear_fwd(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
-    if use_triton_linear(x):
+    impl = resolve("lora_linear", x, size=x.shape[0])
+    if impl != "torch":
         from .triton.lora_matmul import lora_matmul
 
-        xa = lora_matmul(x, lora_A.t())
-        return lora_matmul(x, weight.t(), lora_s=xa, lora_l=lora_B.t(), scaling=scaling, bias=bias), xa
+        tma = impl == "triton-tma"
+        xa = lora_matmul(x, lora_A.t(), tma=tma)
+        return lora_matmul(x, weight.t(), lora_s=xa, lora_l=lora_B.t(), scaling=scaling, bias=bias, tma=tma), xa
     return reference.lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias)
 
 
@@ -38,12 +40,14 @@ def lora_linear_bwd(
     dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
     compute_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_triton_linear(dy):
+    impl = resolve("lora_linear", dy, size=dy.shape[0])
+    if impl != "torch":
         from .triton.lora_matmul import lora_matmul
 
+        tma = impl == "triton-tma"
         dy = dy.contiguous()
-        g = lora_matmul(dy, lora_B)
-        dx = lora_matmul(dy, weight, lora_s=g, lora_l=lora_A, scaling=scaling) if compute_dx else None
+        g = lora_matmul(dy, lora_B, tma=tma)
+        dx = lora_matmul(dy, weight, lora_s=g, lora_l=lora_A, scaling=scaling, tma=tma) if compute_dx else None
         grad_A, grad_B = reference.lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling)
     else:
         dx, grad_A, grad_B = reference.lora_linear_backward(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx)
@@ -89,8 +93,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         bias: optional (out_features,).
 
     Differentiable in x, lora_A, lora_B (and weight/bias when they require grad). ``B @ A`` is never
-    formed; backward keeps x and the (M, r) product ``x @ lora_A.T``. CUDA tensors run the Triton kernels,
-    CPU tensors the pure-torch reference (``PLORA_BACKEND`` overrides). Under ``torch.autocast`` x, weight
+    formed; backward keeps x and the (M, r) product ``x @ lora_A.T``. CUDA tensors run the implementation
+    measured fastest there (the cuBLAS composition or a Triton kernel), CPU tensors the pure-torch reference;
+    ``plora_kernels.implementation(lora_linear=...)`` or ``PLORA_LINEAR_KERNEL`` choose (see ``plora info``). Under ``torch.autocast`` x, weight
     and bias are cast to the autocast dtype, as for ``F.linear``.
     """
     if torch.is_autocast_enabled(x.device.type):

@@ -3,10 +3,12 @@
 The guard. An unload must never write a non-finite value into W, and must leave W, A and B bit-identical when it
 refuses. A bound on |W + coef B A| needs max|W|, and a cached max|W| can go stale without notice: writes through
 ``.data``, through a tensor sharing W's storage or through a tied weight do not bump W's version counter. So
-there is no cache: a check pass evaluates every merged value exactly as the writing pass will (same compiled
-kernel, same random stream) and reports whether any is non-finite; only then does the writing pass run. It
-reads W once more: 1.5x the bytes of a bare merge, and it never refuses a finite merge. A non-finite factor
-makes the merged values it touches non-finite, so the same pass covers the factors.
+there is no cache: a check pass reads W and evaluates every merged value exactly as the writing pass will (same
+kernel source, no FMA contraction), and only then does the writing pass run. It reads W once more: 1.5x the
+bytes of a bare merge. A value no larger in magnitude than W's largest finite cannot round to a non-finite one,
+so the check compares and needs no rounding; only when some value is larger (or not finite) does an exact check
+round it with the writing pass's random stream, so a finite merge is never refused. A non-finite factor makes
+the merged values it touches non-finite, so the same pass covers the factors.
 
 Every layer's check runs before the first write, with one host read for all of them. Layers that share one
 weight (tied) are merged in turn, each checked against the result of the one before. Paths: the Triton kernel
@@ -20,7 +22,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from .._backend import requested_unload_kernel, use_triton
+from .._backend import resolve
 from . import reference, streams
 
 __all__ = ["Merge", "merge_many_", "draw_seeds", "reset_adapters_", "stochastic", "factor_error", "overflow_error"]
@@ -63,12 +65,10 @@ def _error(m: Merge, label: str) -> ValueError:
 
 def merge_path(m: Merge) -> str:
     """Which implementation merges ``m``: "triton", "cuda" (the csrc/ twin) or "torch" (the reference)."""
-    if not use_triton(m.weight):
-        return "torch"
-    fp64 = torch.float64 in (m.weight.dtype, m.lora_A.dtype, m.lora_B.dtype)
-    if m.weight.is_cuda and requested_unload_kernel() == "cuda" and not fp64:  # the twin has no fp64 path
-        return "cuda"
-    return "triton"
+    impl = resolve("unload", m.weight)
+    if impl == "cuda" and torch.float64 in (m.weight.dtype, m.lora_A.dtype, m.lora_B.dtype):
+        return "triton"  # the twin has no fp64 path
+    return impl
 
 
 def _twin():
@@ -80,15 +80,18 @@ def _twin():
     return cuda_unload
 
 
-def _run(batches: list[tuple[str, list[int]]], merges: Sequence[Merge], write: bool) -> list[tuple[list[int], torch.Tensor]]:
-    """One pass (check or write) over the batches; returns (merge indices, flag tensor) per batch, where a
-    flag is 1 + the position in its batch of a merge with a non-finite result, or 0."""
+def _run(batches: list[tuple[str, list[int]]], merges: Sequence[Merge], write: bool,
+         exact: bool = False) -> list[tuple[list[int], torch.Tensor]]:
+    """One pass over the batches: the write, the quick check or the exact check. Returns (merge indices, flag
+    tensor) per batch. An exact flag is 1 + the position in its batch of a merge with a non-finite result, or 0;
+    the Triton kernel's quick flag is 1 when its batch needs the exact check (the other paths are always exact).
+    """
     flags = []
     for path, idx in batches:
         if path == "triton":
             from .triton.unload import merge_group_
 
-            flags.append((idx, merge_group_([merges[i] for i in idx], write=write)))
+            flags.append((idx, merge_group_([merges[i] for i in idx], write=write, exact=exact)))
             continue
         for i in idx:  # one layer at a time
             m = merges[i]
@@ -121,17 +124,22 @@ def _batches(merges: Sequence[Merge]) -> list[tuple[str, list[int]]]:
     return list(out.values())
 
 
-def _first_bad(flags: list[tuple[list[int], torch.Tensor]]) -> int | None:
-    """The index of a merge whose check failed, or None; one host read per device holding flags."""
+def _flagged(flags: list[tuple[list[int], torch.Tensor]]) -> dict[int, int]:
+    """{first merge index of a batch: its flag} for the batches whose flag is set; one host read per device."""
     by_device: dict = {}
     for idx, flag in flags:
         by_device.setdefault(flag.device, []).append((idx, flag))
+    out = {}
     for items in by_device.values():
         values = torch.cat([f.reshape(1) for _, f in items]).tolist()
-        for (idx, _), v in zip(items, values):
-            if v:
-                return idx[int(v) - 1]
-    return None
+        out.update({idx[0]: int(v) for (idx, _), v in zip(items, values) if v})
+    return out
+
+
+def _first_bad(flags: list[tuple[list[int], torch.Tensor]]) -> int | None:
+    """The index of a merge whose exact check failed, or None."""
+    firsts = {idx[0]: idx for idx, _ in flags}
+    return next((firsts[first][v - 1] for first, v in _flagged(flags).items()), None)
 
 
 def _tied_runs(merges: Sequence[Merge]) -> list[list[int]]:
@@ -161,7 +169,12 @@ def merge_many_(merges: Sequence[Merge], labels: Sequence[str] | None = None,
         for run in _tied_runs(merges):
             part = [merges[i] for i in run]
             batches = _batches(part)
-            bad = _first_bad(_run(batches, part, write=False))
+            flagged = _flagged(_run(batches, part, write=False))  # the one host read of an unload
+            bad = next((idx[flagged[idx[0]] - 1] for path, idx in batches
+                        if path != "triton" and idx[0] in flagged), None)  # those checks are exact
+            suspect = [(path, idx) for path, idx in batches if path == "triton" and idx[0] in flagged]
+            if bad is None and suspect:  # rare: a value near or past W's largest finite, or not finite
+                bad = _first_bad(_run(suspect, part, write=False, exact=True))
             ok = bad is None
             if all_ranks is not None:
                 ok = all_ranks(ok)
@@ -196,7 +209,7 @@ def reset_adapters_(lora_As, lora_Bs, momenta, init_seeds) -> None:
     and dtype on the kernel path); m > 0 scales B by m."""
     drawn: dict = {}
     for a, m, seed in zip(lora_As, momenta, init_seeds):
-        if m == 0.0 and a.numel() and use_triton(a):
+        if m == 0.0 and a.numel() and resolve("unload", a) != "torch":
             drawn.setdefault((a.device, a.dtype), ([], []))
             drawn[(a.device, a.dtype)][0].append(a)
             drawn[(a.device, a.dtype)][1].append(seed)

@@ -12,11 +12,19 @@ from . import streams
 
 
 def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None):
-    """y = x W^T + bias + s (x A^T) B^T for 2-D x, in x's dtype; returns (y, xa) with xa = x A^T."""
+    """y = x W^T + bias + s (x A^T) B^T for 2-D x, in x's dtype; returns (y, xa) with xa = x A^T.
+
+    On CUDA this is the cuBLAS composition: the skinny product fills y0 = bias + s xa B^T, and the big GEMM
+    accumulates into it (beta = 1), so y is written once by the small GEMM and read and written once by the big
+    one, instead of a separate pass adding the low-rank term afterwards.
+    """
     xa = x @ lora_A.to(x.dtype).t()
-    y = torch.addmm(bias.to(x.dtype), x, weight.t()) if bias is not None else x @ weight.t()
-    y = y.addmm_(xa, lora_B.to(x.dtype).t(), alpha=scaling)
-    return y, xa
+    b_t = lora_B.to(x.dtype).t()
+    if bias is not None:
+        y = torch.addmm(bias.to(x.dtype), xa, b_t, alpha=scaling)
+    else:  # beta = 0: the empty tensor's contents are never read; alpha applies in the GEMM's fp32
+        y = torch.addmm(x.new_empty(x.shape[0], weight.shape[0]), xa, b_t, beta=0, alpha=scaling)
+    return y.addmm_(x, weight.t()), xa
 
 
 def lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling):
@@ -37,7 +45,11 @@ def lora_linear_backward(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx=
     ops in the autograd layer and shared by every backend.
     """
     g = dy @ lora_B.to(dy.dtype)
-    dx = torch.addmm(dy @ weight, g, lora_A.to(dy.dtype), alpha=scaling) if compute_dx else None
+    # the same shape as the forward: the skinny term first, the big GEMM accumulating into it
+    dx = None
+    if compute_dx:
+        dx = torch.addmm(dy.new_empty(dy.shape[0], weight.shape[1]), g, lora_A.to(dy.dtype), beta=0,
+                         alpha=scaling).addmm_(dy, weight)
     grad_A, grad_B = lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling)
     return dx, grad_A, grad_B
 
@@ -95,8 +107,8 @@ def merge_value(weight, lora_A, lora_B, coef, rounding="nearest", seed=0, row_of
     a, b = lora_A.to(compute), lora_B.to(compute)
     # summed elementwise rather than by a GEMM: a BLAS GEMM may change its reduction order with the number of
     # rows, and a row shard must merge bit for bit as the full W does
-    delta = b[:, :1] * a[:1]
-    for k in range(1, a.shape[0]):
+    delta = torch.zeros(b.shape[0], a.shape[1], dtype=compute, device=weight.device)  # from +0, as the kernels
+    for k in range(a.shape[0]):
         delta += b[:, k:k + 1] * a[k:k + 1]
     v = weight.to(compute) + delta.mul_(coef)
     return round_to(v, weight.dtype, rounding, seed, row_offset)

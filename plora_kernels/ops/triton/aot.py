@@ -58,50 +58,37 @@ def _need_compiler() -> None:
                            "the compiler, and the launch helpers pick interpreter tiles under it)")
 
 
-def merge_launch(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rounding: str = "nearest") -> dict:
-    """What ``unload.merge_group_`` passes to ``_merge_kernel`` on a GPU for one group: its constexprs and
-    ``num_warps``, from the production helpers (``group_key``, ``tile_shape``, ``dot_precision``) applied to
-    meta tensors of the group's dtypes and rank. ``rounding`` is "nearest" or "stochastic" (an fp32/fp64 W
-    takes neither: its mode is 0). The dict is built as ``merge_group_`` builds its ``meta``; keep them alike."""
+def merge_launch(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rounding: str = "nearest",
+                 write: bool = True, exact: bool = False, contig: bool = True) -> dict:
+    """What ``unload.merge_group_`` passes to ``_merge_kernel`` on a GPU for one group: ``unload.launch_meta`` of
+    the ``group_key`` of meta tensors with the group's dtypes and rank (``contig``: rows of 16-byte vectors, as
+    a contiguous weight has; else a transposed W). ``rounding`` is "nearest" or "stochastic" (an fp32/fp64 W
+    takes neither: its mode is 0)."""
     _need_compiler()
     w_t, f_t = _DTYPES[w], _DTYPES[factors]
-    layer = SimpleNamespace(weight=torch.empty(64, 64, dtype=w_t, device="meta"),
-                            lora_A=torch.empty(r, 64, dtype=f_t, device="meta"),
+    weight = torch.empty(64, 64, dtype=w_t, device="meta")
+    layer = SimpleNamespace(weight=weight if contig else weight.t(), lora_A=torch.empty(r, 64, dtype=f_t, device="meta"),
                             lora_B=torch.empty(64, r, dtype=f_t, device="meta"), rounding=rounding)
-    w_dtype, a_dtype, b_dtype, mode, dot, block_r = unload.group_key(layer)
-    block_m, block_n, warps = unload.tile_shape(w_dtype, block_r)
-    factors_fp32, precision = unload.dot_precision(w_dtype, a_dtype, b_dtype)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(block_r, 16), DOT=dot, DOT_PRECISION=precision,
-                FACTORS_FP32=factors_fp32, ROUND=mode, SOFT_BF16=False, num_warps=warps)
+    return unload.launch_meta(unload.group_key(layer), write, exact)
 
 
 def compile_unload(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rounding: str = "nearest",
-                   write: bool = True, arch: int = 90):
+                   write: bool = True, exact: bool = False, contig: bool = True, arch: int = 90):
     """``_merge_kernel`` for one group as ``merge_group_`` launches it on a GPU: the constexprs of
-    :func:`merge_launch`, ``enable_fp_fusion=False``, and the launch's argument specialisation. The seven
-    tensor arguments (table, coefficients, tile starts, flag, and the first layer's W, A, B) are fresh or weight
-    allocations: 16-byte aligned. ``n_layers`` is a runtime int (a group of one layer would specialise it to
-    the constant 1). ``write`` is how the launch passes ``int(write)``: Triton turns an int argument equal to 1
-    into the constant 1, so the writing pass (``write=True``) compiles with ``write`` a constexpr 1 and the check
-    pass (``write=False``) with a runtime i32 (0, with the divisible-by-16 hint). Both passes run on every
-    unload. Should the kernel take a ``WRITE`` constexpr instead, it is passed as one."""
+    :func:`merge_launch` (``enable_fp_fusion=False`` among them) and the launch's argument specialisation. The
+    seven tensor arguments (table, coefficients, tile starts, flag, and the first layer's W, A, B) are fresh or
+    weight allocations: 16-byte aligned. ``n_layers`` is a runtime int (a group of one layer would specialise
+    it to the constant 1)."""
     _need_compiler()
-    meta = merge_launch(w=w, factors=factors, r=r, rounding=rounding)
+    meta = merge_launch(w=w, factors=factors, r=r, rounding=rounding, write=write, exact=exact, contig=contig)
     warps = meta.pop("num_warps")
-    fn = unload._merge_kernel
+    options = {"enable_fp_fusion": meta.pop("enable_fp_fusion")}
     compute = "fp64" if w == "fp64" else "fp32"
     types = dict(table_ptr="*i64", coef_ptr="*" + compute, starts_ptr="*i64", flag_ptr="*i32", n_layers="i32",
                  w_like="*" + w, a_like="*" + factors, b_like="*" + factors)
-    divisible = ["table_ptr", "coef_ptr", "starts_ptr", "flag_ptr", "w_like", "a_like", "b_like"]
-    if "WRITE" in fn.arg_names:
-        meta["WRITE"] = bool(write)
-    elif write:
-        meta["write"] = 1
-    else:
-        types["write"] = "i32"
-        divisible.append("write")
-    return _compile(fn, types, meta, unit=(), divisible=tuple(divisible), arch=arch, num_warps=warps,
-                    enable_fp_fusion=False)
+    divisible = ("table_ptr", "coef_ptr", "starts_ptr", "flag_ptr", "w_like", "a_like", "b_like")
+    return _compile(unload._merge_kernel, types, meta, unit=(), divisible=divisible, arch=arch, num_warps=warps,
+                    **options)
 
 
 def compile_init(*, a: str = "fp32", arch: int = 90):
@@ -165,15 +152,15 @@ def parse_sass(sass: str) -> list[tuple[int, str, str]]:
     return [(int(a, 16), op, rest.strip()) for a, op, rest in _INSTRUCTION.findall(sass)]
 
 
+def _branch_target(op: str, rest: str) -> int | None:
+    hit = re.match(r"0x([0-9a-f]+)\b", rest) if op.split(".")[0] == "BRA" else None
+    return int(hit.group(1), 16) if hit else None
+
+
 def _backward_branches(ins) -> list[tuple[int, int]]:
     """(target, branch address) of each branch to an earlier address: the loops' back edges. A branch to itself
     (the ``BRA .`` that pads the end of a kernel) is no loop."""
-    out = []
-    for addr, op, rest in ins:
-        hit = re.match(r"0x([0-9a-f]+)", rest) if op.split(".")[0] == "BRA" else None
-        if hit and int(hit.group(1), 16) < addr:
-            out.append((int(hit.group(1), 16), addr))
-    return out
+    return [(t, addr) for addr, op, rest in ins if (t := _branch_target(op, rest)) is not None and t < addr]
 
 
 def tile_loop(ins, rank_trips: int = 1, persistent: bool = True) -> dict:
@@ -189,8 +176,7 @@ def tile_loop(ins, rank_trips: int = 1, persistent: bool = True) -> dict:
     backward branch, counts whole, NOPs excluded, its loops once each."""
     loops = _backward_branches(ins)
     if not loops or not persistent:
-        body = [i for i in ins if not i[1].startswith("NOP") and not (i[1].startswith("BRA") and
-                                                                     i[2].startswith(hex(i[0])))]
+        body = [i for i in ins if not i[1].startswith("NOP") and _branch_target(i[1], i[2]) != i[0]]
         return {"loop_instructions": len(body), "inner_loops": [], "loop_count": len(body), "persistent": False}
     lo, hi = max(loops, key=lambda t: t[1] - t[0])
     body = [i for i in ins if lo <= i[0] <= hi and not i[1].startswith("NOP")]
@@ -229,11 +215,12 @@ def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | N
       ``loop_atomics`` the atomics inside the tile loop;
     - 16-byte global accesses (``ldg128``/``stg128``) among all (``ldg``/``stg``), MMA (``hmma``/``hgmma``) and TMA
       loads, layout conversions in the TTGIR, ``instructions`` in the whole kernel (NOPs excluded);
-    - with ``tile`` = (rows, columns) that one loop iteration handles: ``sass_per_element``, the SASS instructions
-      one iteration of the persistent tile loop issues (:func:`tile_loop`; ``rank_trips`` = the trip count of a
-      nested rank loop; ``persistent=False``: the whole kernel, one tile per program) divided by the elements each thread handles per iteration, rows * columns / threads. An
-      instruction is issued once per warp for its 32 threads, so this is issue slots per element: the number to
-      hold against the SM's ~4 issues per clock and the elements per clock that a streaming kernel needs.
+    - with ``tile`` = (rows, columns) of one loop iteration: ``sass_per_element``, the SASS instructions one
+      iteration of the persistent tile loop issues (:func:`tile_loop`; ``rank_trips``: the trip count of a nested
+      rank loop; ``persistent=False``: the whole kernel, one tile per program), divided by the elements each
+      thread handles in it, rows * columns / threads. An instruction issues once per warp for its 32 threads, so
+      this is issue slots per element: the number to hold against the SM's 4 issues per clock and the elements
+      per clock a streaming kernel must retire.
     """
     num_warps = num_warps or kernel.metadata.num_warps
     out = {"shared_bytes": kernel.metadata.shared, "num_warps": num_warps}
@@ -281,14 +268,14 @@ def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | N
 
 
 def unload_resources(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rounding: str = "nearest",
-                     write: bool = True, arch: int = 90) -> dict:
+                     write: bool = True, exact: bool = False, arch: int = 90) -> dict:
     """:func:`resources` of one production merge variant (:func:`compile_unload`), with its launch
     (``meta``: tile, rank, dot, rounding mode) and the instructions per element of its tile loop; the rank-1
-    FMA loop (no dot) runs ``r`` times per tile."""
-    meta = merge_launch(w=w, factors=factors, r=r, rounding=rounding)
-    kernel = compile_unload(w=w, factors=factors, r=r, rounding=rounding, write=write, arch=arch)
+    FMA loop runs ``r`` times per tile where it is a runtime loop (no dot, rank above 16)."""
+    meta = merge_launch(w=w, factors=factors, r=r, rounding=rounding, write=write, exact=exact)
+    kernel = compile_unload(w=w, factors=factors, r=r, rounding=rounding, write=write, exact=exact, arch=arch)
     got = resources(kernel, meta["num_warps"], tile=(meta["BLOCK_M"], meta["BLOCK_N"]),
-                    rank_trips=1 if meta["DOT"] else r)
+                    rank_trips=1 if meta["DOT"] or meta["FMA_R"] else r)
     got["meta"] = meta
     return got
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._backend import interpreting, requested_linear_kernel
+from ..._backend import interpreting
 
 
 def _configs():
@@ -117,13 +117,13 @@ def _bucket(n: int) -> int:
 def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None = None,
                 lora_l: torch.Tensor | None = None, scaling: float = 1.0,
                 bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                tma: bool | None = None) -> torch.Tensor:
+                tma: bool = False) -> torch.Tensor:
     """Return ``a @ b + scaling * lora_s @ lora_l + bias`` in a's dtype with fp32 accumulation.
 
     a: (M, K); b: (K, N) any strides; lora_s: (M, R) and lora_l: (R, N), any float dtype (cast to a's);
     bias: (N,); out: optional (M, N) destination, any strides. Shapes are the caller's contract (checked
-    at the public API). ``tma``: run the TMA kernel (lora_matmul_tma.py) where it can take the shapes; None
-    follows ``PLORA_LINEAR_KERNEL=triton-tma``.
+    at the public API). ``tma``: run the TMA kernel (lora_matmul_tma.py) where it can take the shapes (the
+    resolver's ``triton-tma``).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -137,7 +137,7 @@ def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None
     precision = "ieee" if a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     block_r = min(64, max(16, triton.next_power_of_2(R)))
     buckets = (_bucket(M), _bucket(N), _bucket(K))
-    if tma or (tma is None and requested_linear_kernel() == "triton-tma"):
+    if tma:
         from . import lora_matmul_tma
 
         if lora_matmul_tma.supported(a, b, out):

@@ -106,51 +106,93 @@ def _is_finite(x, DTYPE: tl.constexpr):
         return (x.to(tl.int16, bitcast=True) & 0x7F80) != 0x7F80
 
 
+@triton.jit
+def _round(v, seed, rows, col0, DTYPE: tl.constexpr, ROUND: tl.constexpr, SOFT_BF16: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile's merged values rounded once into DTYPE: stochastically (ROUND 2) with the stream of ``seed`` at
+    logical rows ``rows`` and columns from ``col0``, to nearest (1), or by a plain cast (fp32/fp64 W)."""
+    if ROUND == 2:
+        return _to_stochastic(v, _rounding_bits(seed, rows, col0 // 8, BLOCK_M, BLOCK_N), DTYPE)
+    elif ROUND == 1:
+        return _to_nearest(v, DTYPE, SOFT_BF16)
+    else:
+        return v.to(DTYPE)
+
+
 # ----------------------------------------------------------------------------------------------- the merge
 
 @triton.jit
 def _merge_kernel(
-    table_ptr, coef_ptr, starts_ptr, flag_ptr, n_layers, write,
+    table_ptr, coef_ptr, starts_ptr, flag_ptr, n_layers,
     w_like, a_like, b_like,  # the first layer's tensors: they give the pointer types of every layer
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FMA_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FACTORS_FP32: tl.constexpr, ROUND: tl.constexpr, SOFT_BF16: tl.constexpr,
+    CONTIG: tl.constexpr, WRITE: tl.constexpr, EXACT: tl.constexpr, MAX_FINITE: tl.constexpr,
 ):
     """table_ptr: one int64 row of 14 per layer: W, A, B addresses, M, N, R, W's strides, A's, B's, the rounding
     seed, the row offset (a row shard draws the full W's random numbers); coef_ptr: one coefficient per layer;
-    starts_ptr: each layer's first tile, and the total at [n_layers]."""
+    starts_ptr: each layer's first tile, and the total at [n_layers].
+
+    CONTIG: every W and A of the group has unit column stride, 16-byte aligned rows and a multiple of 16 bytes
+    of columns, so tiles move as 16-byte vectors. FMA_R: the rank, unrolled, on the FMA path (0: a runtime loop).
+    WRITE: the writing pass, else a check pass (EXACT: the exact one). All compile from this one body with no
+    FMA contraction, so they compute the same values bit for bit.
+    """
     W_T: tl.constexpr = w_like.dtype.element_ty
+    A_T: tl.constexpr = a_like.dtype.element_ty
     COMPUTE: tl.constexpr = tl.float64 if W_T == tl.float64 else tl.float32
-    pid = tl.program_id(0)
+    VEC_W: tl.constexpr = 16 // W_T.primitive_bitwidth * 8
+    VEC_A: tl.constexpr = 16 // A_T.primitive_bitwidth * 8
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     n_tiles = tl.load(starts_ptr + n_layers)
     layer = 0
-    bad = 0  # 1 + the index of a layer with a non-finite merged value, 0 if none (check pass)
-    for tile in tl.range(pid, n_tiles, tl.num_programs(0)):
+    bad = 0  # exact check: 1 + the index of a layer with a non-finite merged value, 0 if none
+    suspect = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # quick check: values it cannot clear
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         layer = _next_layer(starts_ptr, layer, tile)
         row = table_ptr + layer * 14
-        M = tl.load(row + 3)
-        N = tl.load(row + 4)
-        R = tl.load(row + 5)
+        # sizes and strides in int32 (the host checks they fit); only a tile's base address is 64-bit
+        M = tl.load(row + 3).to(tl.int32)
+        N = tl.load(row + 4).to(tl.int32)
+        R = tl.load(row + 5).to(tl.int32)
+        s_wm = tl.load(row + 6).to(tl.int32)
+        s_ar = tl.load(row + 8).to(tl.int32)
+        if CONTIG:
+            N = tl.multiple_of(N, VEC_W)
+            s_wm = tl.multiple_of(s_wm, VEC_W)
+            s_ar = tl.multiple_of(s_ar, VEC_A)
+            s_wn = 1
+            s_an = 1
+        else:
+            s_wn = tl.load(row + 7).to(tl.int32)
+            s_an = tl.load(row + 9).to(tl.int32)
+        s_bm = tl.load(row + 10).to(tl.int32)
+        s_br = tl.load(row + 11).to(tl.int32)
         grid_n = tl.cdiv(N, BLOCK_N)
-        local = tile - tl.load(starts_ptr + layer)
+        local = (tile - tl.load(starts_ptr + layer)).to(tl.int32)
         # consecutive tiles walk along a row panel of W, so they share B's rows in cache
-        rm = (local // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = (local % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row0 = (local // grid_n) * BLOCK_M
+        col0 = (local % grid_n) * BLOCK_N
+        rm = row0 + offs_m
+        rn = col0 + offs_n
         mask_m = rm < M
         mask_n = rn < N
         mask = mask_m[:, None] & mask_n[None, :]
 
         # 1. W's tile first: its latency hides behind the low-rank product
-        w_ptrs = (tl.load(row + 0).to(tl.pointer_type(W_T)) + rm[:, None] * tl.load(row + 6)
-                  + rn[None, :] * tl.load(row + 7))
+        w_ptr = tl.load(row + 0).to(tl.pointer_type(W_T))
+        if CONTIG:
+            w_ptr = tl.multiple_of(w_ptr, 16)  # a pointer's divisibility counts bytes
+        w_tile = w_ptr + (row0.to(tl.int64) * s_wm + col0.to(tl.int64) * s_wn)
+        w_ptrs = w_tile + (offs_m[:, None] * s_wm + offs_n[None, :] * s_wn)
         w = tl.load(w_ptrs, mask=mask, other=0.0)
 
         # 2. this tile of B A, in fp32 (fp64 for an fp64 W)
-        a_ptr = tl.load(row + 1).to(tl.pointer_type(a_like.dtype.element_ty))
+        a_ptr = tl.load(row + 1).to(tl.pointer_type(A_T))
+        if CONTIG:
+            a_ptr = tl.multiple_of(a_ptr, 16)
         b_ptr = tl.load(row + 2).to(tl.pointer_type(b_like.dtype.element_ty))
-        s_ar = tl.load(row + 8)
-        s_an = tl.load(row + 9)
-        s_bm = tl.load(row + 10)
-        s_br = tl.load(row + 11)
         if DOT:
             rr = tl.arange(0, BLOCK_R)
             b = tl.load(b_ptr + rm[:, None] * s_bm + rr[None, :] * s_br, mask=mask_m[:, None] & (rr[None, :] < R),
@@ -161,6 +203,12 @@ def _merge_kernel(
                 delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision=DOT_PRECISION)
             else:  # one 16-bit dtype: the products are exact in the fp32 accumulator
                 delta = tl.dot(b, a, out_dtype=tl.float32)
+        elif FMA_R > 0:  # the rank unrolled: every factor load is independent of the sums
+            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+            for k in tl.static_range(FMA_R):
+                b_col = tl.load(b_ptr + rm * s_bm + k * s_br, mask=mask_m, other=0.0).to(COMPUTE)
+                a_row = tl.load(a_ptr + k * s_ar + rn * s_an, mask=mask_n, other=0.0).to(COMPUTE)
+                delta += b_col[:, None] * a_row[None, :]
         else:
             delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
             for k in range(R):
@@ -169,24 +217,29 @@ def _merge_kernel(
                 delta += b_col[:, None] * a_row[None, :]
         v = w.to(COMPUTE) + tl.load(coef_ptr + layer) * delta
 
-        # 3. one rounding into W's dtype
-        if ROUND == 2:
-            rows = rm + tl.load(row + 13)
-            bits16 = _rounding_bits(tl.load(row + 12), rows, (local % grid_n) * (BLOCK_N // 8), BLOCK_M, BLOCK_N)
-            new = _to_stochastic(v, bits16, W_T)
-        elif ROUND == 1:
-            new = _to_nearest(v, W_T, SOFT_BF16)
-        else:
-            new = v.to(W_T)
-
-        # 4. write, or (the check pass) note whether any merged value is not finite
-        if write:
-            tl.store(w_ptrs, new, mask=mask)
-        else:
-            ok = _is_finite(new, W_T) | (~mask)
-            tile_bad = tl.min(tl.min(ok.to(tl.int32), axis=1), axis=0) == 0
-            bad = tl.maximum(bad, tl.where(tile_bad, layer + 1, 0))
-    if not write:
+        # 3. write the value rounded once into W's dtype; or (the check pass) find whether any rounded value is
+        #    not finite. A value at most W's largest finite in magnitude cannot round past it, so the quick check
+        #    compares and accumulates per element (no reduction per tile, no rounding); only a group it flags
+        #    runs the exact check, which rounds the tiles holding a larger or non-finite value.
+        if WRITE:
+            tl.store(w_ptrs, _round(v, tl.load(row + 12), rm + tl.load(row + 13), col0, W_T, ROUND, SOFT_BF16,
+                                    BLOCK_M, BLOCK_N), mask=mask)
+        elif not EXACT:  # the quick check: any value the rounding might carry past W's largest finite?
+            suspect |= (~(_is_finite(v, COMPUTE) if ROUND == 0 else tl.abs(v) <= MAX_FINITE)).to(tl.int32)
+        else:  # the exact check, for a group the quick one flagged: round where the quick test cannot decide
+            if ROUND == 0:  # an fp32/fp64 W stores v itself
+                safe = _is_finite(v, COMPUTE) | (~mask)
+            else:  # MAX_FINITE of fp16 and bf16 is exact in fp32; the compare is False for NaN
+                safe = (tl.abs(v) <= MAX_FINITE) | (~mask)
+            if tl.min(tl.min(safe.to(tl.int32), axis=1), axis=0) == 0:
+                new = _round(v, tl.load(row + 12), rm + tl.load(row + 13), col0, W_T, ROUND, SOFT_BF16,
+                             BLOCK_M, BLOCK_N)
+                ok = _is_finite(new, W_T) | (~mask)
+                if tl.min(tl.min(ok.to(tl.int32), axis=1), axis=0) == 0:
+                    bad = tl.maximum(bad, layer + 1)
+    if not WRITE:
+        if not EXACT:
+            bad = tl.max(tl.max(suspect, axis=1), axis=0)
         tl.atomic_max(flag_ptr, bad, sem="relaxed")
 
 
@@ -200,7 +253,8 @@ def _init_kernel(table_ptr, starts_ptr, n_layers, a_like, BLOCK_R: tl.constexpr,
     A_T: tl.constexpr = a_like.dtype.element_ty
     COMPUTE: tl.constexpr = tl.float64 if A_T == tl.float64 else tl.float32
     tile = tl.program_id(0)
-    layer = _next_layer(starts_ptr, 0, tile)  # a short table: the walk is a few scalar loads
+    layer = 0
+    layer = _next_layer(starts_ptr, layer, tile)  # a short table: the walk is a few scalar loads
     row = table_ptr + layer * 7
     R = tl.load(row + 1)
     N = tl.load(row + 2)
@@ -274,8 +328,10 @@ def _programs(device: torch.device, n_tiles: int, key, compiled_fn) -> int:
         kernel = compiled_fn()
         kernel._init_handles()  # loads the binary: its register count is known only then
         props = torch.cuda.get_device_properties(device)
-        threads = 32 * kernel.metadata.num_warps
-        by_regs = props.regs_per_multiprocessor // max(1, kernel.n_regs * threads)
+        warps = kernel.metadata.num_warps
+        threads = 32 * warps
+        per_warp = -(-max(1, kernel.n_regs) * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+        by_regs = props.regs_per_multiprocessor // (per_warp * warps)
         by_smem = props.shared_memory_per_multiprocessor // max(1, kernel.metadata.shared)
         by_threads = props.max_threads_per_multi_processor // threads
         per_sm = _RESIDENT[key] = max(1, min(by_regs, by_smem, by_threads, 32))
@@ -288,12 +344,36 @@ def _round_mode(w_dtype: torch.dtype, rounding: str) -> int:
     return ROUND_STOCHASTIC if rounding == "stochastic" else ROUND_NEAREST
 
 
+def _vector_rows(t: torch.Tensor) -> bool:
+    """Unit column stride, a 16-byte aligned start, and rows that start 16 bytes apart: 16-byte vectors."""
+    vec = 16 // t.element_size()
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) % vec == 0)
+
+
 def group_key(m) -> tuple:
-    """Merges with equal keys run in one launch: same dtypes, rounding mode and product path."""
-    r = m.lora_A.shape[0]
-    dot = uses_dot(m.weight.dtype, r)
-    return (m.weight.dtype, m.lora_A.dtype, m.lora_B.dtype, _round_mode(m.weight.dtype, m.rounding), dot,
-            max(16, triton.next_power_of_2(r)) if dot else 0)
+    """Merges with equal keys run in one launch: same dtypes, rounding mode, product path and memory layout.
+    (W dtype, A dtype, B dtype, rounding mode, dot?, the dot's padded rank, the FMA path's unrolled rank, CONTIG)"""
+    w, a = m.weight, m.lora_A
+    r = a.shape[0]
+    dot = uses_dot(w.dtype, r)
+    vec = max(16 // w.element_size(), 16 // a.element_size())
+    contig = _vector_rows(w) and _vector_rows(a) and w.shape[1] % vec == 0
+    return (w.dtype, a.dtype, m.lora_B.dtype, _round_mode(w.dtype, m.rounding), dot,
+            max(16, triton.next_power_of_2(r)) if dot else 0, 0 if dot or r > 16 else r, contig)
+
+
+def launch_meta(key: tuple, write: bool, exact: bool = False) -> dict:
+    """The constexprs and warps of ``_merge_kernel`` for a group (``group_key``) and pass (write, the quick
+    check, or the exact check); ``ops.triton.aot`` compiles with the same dict."""
+    w_dtype, a_dtype, b_dtype, mode, dot, block_r, fma_r, contig = key
+    block_m, block_n, warps = tile_shape(w_dtype, block_r)
+    factors_fp32, precision = dot_precision(w_dtype, a_dtype, b_dtype)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(block_r, 16), DOT=dot, FMA_R=fma_r,
+                DOT_PRECISION=precision, FACTORS_FP32=factors_fp32, ROUND=mode, SOFT_BF16=interpreting(),
+                CONTIG=contig, WRITE=write, EXACT=exact and not write, MAX_FINITE=torch.finfo(w_dtype).max if mode else 0.0, num_warps=warps,
+                # no contraction of B A's products and sums into FMAs: the kernel then rounds exactly as the
+                # reference and the CUDA twin do (16-bit factors' products are exact either way)
+                enable_fp_fusion=False)
 
 
 def _host_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -302,40 +382,41 @@ def _host_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def merge_group_(merges: Sequence, *, write: bool) -> torch.Tensor:
-    """One launch over merges (``ops.merge.Merge``) that share a :func:`group_key` (all non-empty, all on one device).
+_INT32_LIMIT = 2**31 // 64  # in-tile offsets are int32: a stride times a tile side must stay below 2**31
 
-    ``write=False`` is the check pass: nothing is written, and the returned int32 tensor of one element holds
-    1 + the index of a merge whose result has a non-finite value, or 0. ``write=True`` merges in place and
-    returns the same tensor, left at 0.
+
+def merge_group_(merges: Sequence, *, write: bool, exact: bool = False) -> torch.Tensor:
+    """One launch over merges (``ops.merge.Merge``) that share a :func:`group_key` (all non-empty, on one device).
+
+    ``write=True`` merges in place and returns an int32 tensor of one element left at 0. Otherwise nothing is
+    written: the quick check returns 1 if some merged value is beyond W's largest finite or not finite (it
+    might round to a non-finite value), else 0; the exact check (``exact=True``) returns 1 + the index of a
+    merge whose rounded result has a non-finite value, or 0.
     """
     first = merges[0]
-    w_dtype, a_dtype, b_dtype, mode, dot, block_r = group_key(first)
+    key = group_key(first)
+    meta = launch_meta(key, write, exact)
     device = first.weight.device
-    block_m, block_n, warps = tile_shape(w_dtype, block_r)
     starts, rows = [0], []
     for m in merges:
         M, N = m.weight.shape
         R = m.lora_A.shape[0]
-        rows.append([m.weight.data_ptr(), m.lora_A.data_ptr(), m.lora_B.data_ptr(), M, N, R,
-                     m.weight.stride(0), m.weight.stride(1), m.lora_A.stride(0), m.lora_A.stride(1),
-                     m.lora_B.stride(0), m.lora_B.stride(1), m.seed, m.row_offset])
-        starts.append(starts[-1] + triton.cdiv(M, block_m) * triton.cdiv(N, block_n))
+        strides = (*m.weight.stride(), *m.lora_A.stride(), *m.lora_B.stride())
+        if max(M, N, R, *strides) >= _INT32_LIMIT:
+            raise ValueError(f"the Triton unload takes sizes and strides below {_INT32_LIMIT}, got weight "
+                             f"{tuple(m.weight.shape)} with strides {strides}")
+        rows.append([m.weight.data_ptr(), m.lora_A.data_ptr(), m.lora_B.data_ptr(), M, N, R, *strides, m.seed,
+                     m.row_offset])
+        starts.append(starts[-1] + triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]))
     table = _host_table(rows, device)
     tile_starts = _host_table([starts], device).view(-1)
-    compute = torch.float64 if w_dtype == torch.float64 else torch.float32
+    compute = torch.float64 if key[0] == torch.float64 else torch.float32
     coefs = torch.tensor([m.coef for m in merges], dtype=compute,
                          pin_memory=device.type == "cuda").to(device, non_blocking=True)
     flag = torch.zeros(1, dtype=torch.int32, device=device)
-    factors_fp32, precision = dot_precision(w_dtype, a_dtype, b_dtype)
-    args = (table, coefs, tile_starts, flag, len(merges), int(write), first.weight, first.lora_A, first.lora_B)
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(block_r, 16), DOT=dot, DOT_PRECISION=precision,
-                FACTORS_FP32=factors_fp32, ROUND=mode, SOFT_BF16=interpreting(), num_warps=warps,
-                # no contraction of B A's products and sums into FMAs: the kernel then rounds exactly as the
-                # reference and the CUDA twin do (16-bit factors' products are exact either way)
-                enable_fp_fusion=False)
-    key = (device.index, w_dtype, a_dtype, b_dtype, tuple(sorted((k, str(v)) for k, v in meta.items())))
-    n = _programs(device, starts[-1], key, lambda: _merge_kernel.warmup(*args, grid=(1,), **meta))
+    args = (table, coefs, tile_starts, flag, len(merges), first.weight, first.lora_A, first.lora_B)
+    n = _programs(device, starts[-1], (device.index, key, write, exact),
+                  lambda: _merge_kernel.warmup(*args, grid=(1,), **meta))
     _merge_kernel[(n,)](*args, **meta)
     return flag
 

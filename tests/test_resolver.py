@@ -1,0 +1,111 @@
+"""The implementation resolver: one precedence (code, then environment, then the measured default), the names
+``plora info`` prints, and the measured-default table re-derived from the benchmark records."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import plora_kernels as pk
+from plora_kernels import _backend, defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in ("PLORA_BACKEND", "PLORA_LINEAR_KERNEL", "PLORA_UNLOAD_KERNEL", "TRITON_INTERPRET"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_cpu_tensors_default_to_the_reference(clean_env):
+    t = torch.empty(3)
+    assert _backend.resolve("lora_linear", t) == "torch" and _backend.resolve("unload", t) == "torch"
+
+
+def test_precedence_code_then_op_variable_then_backend(clean_env):
+    pytest.importorskip("triton")
+    clean_env.setenv("TRITON_INTERPRET", "1")  # lets Triton run CPU tensors, so every choice is runnable
+    t = torch.empty(3)
+    clean_env.setenv("PLORA_BACKEND", "triton")
+    assert _backend.resolve("lora_linear", t) == "triton"
+    clean_env.setenv("PLORA_LINEAR_KERNEL", "torch")  # one op's variable beats PLORA_BACKEND
+    assert _backend.resolve("lora_linear", t) == "torch" and _backend.resolve("unload", t) == "triton"
+    with pk.implementation(lora_linear="triton-tma"):  # code beats both
+        assert _backend.resolve("lora_linear", t) == "triton-tma"
+        with pk.implementation(lora_linear=None, unload="torch"):  # None leaves an op to the outer rule
+            assert _backend.resolve("lora_linear", t) == "triton-tma" and _backend.resolve("unload", t) == "torch"
+    assert _backend.resolve("lora_linear", t) == "torch"  # restored on exit
+
+
+def test_the_choice_is_what_runs(clean_env):
+    """lora_linear really takes the resolved implementation: counted at the Triton GEMM's entry."""
+    pytest.importorskip("triton")
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    from plora_kernels.ops.triton import lora_matmul as lm
+
+    calls = []
+    original = lm.lora_matmul
+    clean_env.setattr(lm, "lora_matmul", lambda *a, **k: calls.append(k.get("tma")) or original(*a, **k))
+    x, W, A, B = torch.randn(5, 16), torch.randn(8, 16), torch.randn(2, 16), torch.randn(8, 2)
+    pk.lora_linear(x, W, A, B, 0.5)
+    assert calls == []
+    with pk.implementation(lora_linear="triton"):
+        pk.lora_linear(x, W, A, B, 0.5)
+    assert calls == [False, False]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(lora_linear="cublas"), r"implementation\(lora_linear=...\) must be one of"),
+    (dict(unload="triton-tma"), r"implementation\(unload=...\) must be one of"),
+    (dict(matmul="torch"), r"op must be one of"),
+])
+def test_bad_choices_in_code_name_the_op(clean_env, bad, match):
+    with pytest.raises(ValueError, match=match):
+        with pk.implementation(**bad):
+            pass
+
+
+def test_bad_environment_values_name_the_variable(clean_env):
+    clean_env.setenv("PLORA_UNLOAD_KERNEL", "fast")
+    with pytest.raises(ValueError, match="PLORA_UNLOAD_KERNEL must be one of"):
+        _backend.resolve("unload", torch.empty(1))
+    clean_env.delenv("PLORA_UNLOAD_KERNEL")
+    clean_env.setenv("PLORA_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="PLORA_BACKEND must be one of"):
+        _backend.resolve("unload", torch.empty(1))
+
+
+def test_an_unrunnable_choice_says_why(clean_env):
+    with pk.implementation(unload="cuda"):
+        with pytest.raises(RuntimeError, match="code asks for unload=cuda, which cannot run here"):
+            _backend.resolve("unload", torch.empty(1))
+
+
+def test_plora_info_prints_the_resolver_answer_per_op(clean_env):
+    clean_env.setenv("PLORA_LINEAR_KERNEL", "torch")
+    out = subprocess.run([sys.executable, "-m", "plora_kernels.cli", "info"], capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ})
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(None, 1) if "  " not in line else [p.strip() for p in line.split("  ", 1)]
+                 for line in out.stdout.splitlines() if line.strip())
+    assert lines["lora_linear on CPU tensors"].strip() == "torch (PLORA_LINEAR_KERNEL)"
+    assert lines["unload on CPU tensors"].strip() == "torch (default)"
+
+
+def test_measured_defaults_match_the_records():
+    """defaults.MEASURED is what benchmarks/make_defaults.py derives from benchmarks/results/ (never hand-edited)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_defaults.py"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_unmeasured_shapes_get_the_safe_default(monkeypatch):
+    monkeypatch.setattr(defaults, "arch", lambda device: "sm_90")
+    dev = torch.device("cpu")
+    assert defaults.measured_default("lora_linear", dev, torch.bfloat16, 8192 + 5) == \
+        defaults.MEASURED[("sm_90", "lora_linear", "bf16", 8192)][0]
+    assert defaults.measured_default("lora_linear", dev, torch.float16, 8192) == "torch"  # nothing measured
+    assert defaults.measured_default("unload", dev, torch.bfloat16, None) == "triton"
