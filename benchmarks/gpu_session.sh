@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
 # One device-machine call: environment, the test suite compiled on the GPU, then benchmarks.
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests] [quick|unload|full] [train] [nccl]
+# Usage (on the GPU machine, repo root):
+#   bash benchmarks/gpu_session.sh [tests] [quick|linear|unload|full] [train] [nccl]
 #   tests  the test suite on the GPU (CPU-only files are left to CI)
-#   quick  the target shapes: `bench linear --quick --pieces` (the forward's parts), then `bench unload --quick`:
+#   quick  the target shapes: `bench linear --quick --pieces` (M=8192, 4096->4096, r=16, bf16 x/W with fp32 and
+#          with bf16 adapters: the cuBLAS floor, PEFT, every resolver implementation of lora_linear and the default,
+#          and the forward's parts; limit $LINEAR_QUICK_TIMEOUT, default 180 s; $LINEAR_ARGS adds flags, e.g.
+#          "--implementations torch,triton"), then `bench unload --quick`:
 #          8192x8192 r=16 bf16 W with bf16 and with fp32 factors (the writing pass and the check pass alone, the
 #          guarded unload_, PEFT's W += and safe_merge, the CUDA twin where it builds), then unload_many_ over the
 #          112 layers of the 1b config. $UNLOAD_ARGS adds flags to bench unload, e.g. "--model none" (no
 #          whole-model rows) or "--contenders unload_-stochastic,triton-write-stochastic" (those rows and copy;
 #          '-' stands for the space in a row's name).
+#   linear every shape of bench linear alone (M in {2048, 8192} x the Llama-7B projections x r in {16, 64} x bf16,
+#          fp16 x fp32 and same-dtype adapters, the target first), limit $LINEAR_TIMEOUT (default 540 s): more than
+#          one call's worth of shapes may not fit; the record is saved after every config, so a run cut off keeps
+#          what it measured ("complete": false)
 #   unload the unload half of quick alone (`train unload`: the issue #12 numbers with the step to compare with)
-#   full   every shape of bench linear and bench unload
+#   full   every shape of bench linear (limit $LINEAR_TIMEOUT, here 240 s by default) and bench unload
 #   train  bench train (1b). Run before quick/full in the same call (`train quick`), bench unload reports the
 #          whole-model unload as a share of its step; otherwise benchmarks/make_report.py joins them later.
 #   nccl   the DDP example on NCCL, world size 1 (one GPU): unloads and the replica check on the real backend
 # The device tool allows 600 s per call and the step limits add up to more: run `quick nccl`, then `tests train`.
 #
 # Results reach $OUT (the device tool's return folder; ./gpu_out by default) as they exist: each step's log is
-# written there while it runs, and the benches write their JSON there (bench unload after every config). Each
-# step is stopped with SIGINT at its limit: pytest still prints which tests failed and why, bench unload saves
-# the rows it has (its record then says "complete": false). $OUT/steps.txt gets one line per step with its
-# status (ok, FAILED, TIMED OUT, SKIPPED) as soon as it ends, and the script ends by printing them.
+# written there while it runs, and the benches write their JSON there (bench linear and bench unload after every
+# config). Each step is stopped with SIGINT at its limit: pytest still prints which tests failed and why, bench
+# linear and bench unload save the rows they have (their record then says "complete": false). $OUT/steps.txt gets
+# one line per step with its status (ok, FAILED, TIMED OUT, SKIPPED) as soon as it ends, and the script ends by
+# printing them.
 # BUDGET (default 570 s) caps the whole call: a step's limit is cut to what is left of it less 15 s, and a step
 # with under 30 s left is skipped, so the script reports before the device tool's own limit stops it.
 set -uo pipefail
@@ -84,10 +93,12 @@ for stage in "$@"; do
              --ignore=tests/test_bench_smoke.py --ignore=tests/test_bench_train.py \
              --ignore=tests/test_integration_transformers.py ${TEST_ARGS:-} tests
            grep -E "^(FAILED|ERROR)|passed|failed|Timeout|KeyboardInterrupt" "$OUT/gpu_tests.log" | tail -40 ;;
-    quick) step bench_linear_quick 150 25 $PLORA bench linear --quick --pieces --out "$OUT"
+    quick) step bench_linear_quick "${LINEAR_QUICK_TIMEOUT:-180}" 40 $PLORA bench linear --quick --pieces --out "$OUT" \
+             ${LINEAR_ARGS:-}
            unload_quick ;;
+    linear) step bench_linear "${LINEAR_TIMEOUT:-540}" 60 $PLORA bench linear --out "$OUT" ${LINEAR_ARGS:-} ;;
     unload) unload_quick ;;
-    full)  step bench_linear "${LINEAR_TIMEOUT:-240}" 60 $PLORA bench linear --out "$OUT"
+    full)  step bench_linear "${LINEAR_TIMEOUT:-240}" 60 $PLORA bench linear --out "$OUT" ${LINEAR_ARGS:-}
            step bench_unload "${UNLOAD_TIMEOUT:-300}" 80 $PLORA bench unload --out "$OUT" ${UNLOAD_ARGS:-} ;;
     train) step bench_train 180 30 $PLORA bench train --out "$OUT" ;;
     nccl)  step train_ddp_nccl 120 15 torchrun --standalone --nproc_per_node=1 examples/train_ddp.py --dtype bf16 ;;

@@ -42,17 +42,30 @@ def parse_args():
                    help="auto: a tiny Llama if transformers is installed, else an MLP")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="base weight dtype (adapters stay fp32)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--every", type=int, default=25, help="unload every N optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="GLOBAL batch size (split across ranks)")
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--steps", type=positive_int, default=100)
+    p.add_argument("--every", type=positive_int, default=25, help="unload every N optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="GLOBAL batch size (split across ranks)")
+    p.add_argument("--seq-len", type=positive_int, default=32)
+    p.add_argument("--r", type=positive_int, default=8)
     p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.0, help="in [0, 1)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    return p.parse_args()
+    p.add_argument("--log-every", type=positive_int, default=10)
+    args = p.parse_args()
+    if not 0.0 <= args.momentum < 1.0:
+        p.error(f"argument --momentum: must be in [0, 1), got {args.momentum}")
+    return args
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
 
 
 def setup(backend: str) -> tuple[int, int, torch.device]:
@@ -123,6 +136,29 @@ def loss_fn(kind: str, model, batch):
 def main():
     args = parse_args()
     rank, world, device = setup(args.backend)
+    status, ok = 1, False
+    try:
+        status = train(args, rank, world, device)
+        ok = True
+    finally:
+        shutdown(barrier=ok)
+    raise SystemExit(status)
+
+
+def shutdown(barrier: bool) -> None:
+    """Tear down before the interpreter exits, on success and on error alike: DDP objects sit in reference cycles,
+    so collect them first, then destroy the process group. A DDP reducer or a gloo/nccl group still alive at exit
+    can abort the process after the work is done ("terminate called without an active exception")."""
+    gc.collect()
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()  # no rank tears the group down while another still uses it
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def train(args, rank: int, world: int, device: torch.device) -> int:
+    """The training run; returns the exit status (1 if the DDP replicas ended up different)."""
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
     dtype = DTYPES[args.dtype]
@@ -146,7 +182,7 @@ def main():
 
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    scheduler = pk.stage_cosine_schedule(optimizer, args.steps, args.every, warmup=args.every // 4,
+    scheduler = pk.stage_cosine_schedule(optimizer, args.steps, args.every, warmup=min(args.every // 4, args.steps),
                                          restart_warmup=max(1, args.every // 10))
     unloader = pk.PeriodicUnloader(model, optimizer, every=args.every, seed=args.seed)
     per_rank = args.batch_size // world
@@ -183,10 +219,7 @@ def main():
         status = 1 if differ else 0
     if rank == 0:
         print(f"{args.steps} steps, {unloader.num_unloads} unloads in {elapsed:.2f} s", flush=True)
-    del wrapped, model, optimizer, unloader
-    gc.collect()  # drop DDP before the group: a DDP still alive at exit can abort the process
-    dist.destroy_process_group()
-    raise SystemExit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -82,7 +82,12 @@ def _cmd_info(args) -> int:
 def _cmd_demo(args) -> int:
     from . import demo
 
-    demo.run_from_args(args)
+    try:
+        # a bad flag or an unwritable --out: usage and "plora demo: error: argument --flag: ...", exit status 2
+        demo.run_from_args(args, args.parser)
+    except ImportError as exc:  # transformers or matplotlib missing: say so, no traceback
+        print(f"plora demo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -116,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="LoRA vs PLoRA vs full FT on a high-rank task (CPU, about 2 min)",
                             description=demo.__doc__.split("\n")[0])
     demo.add_arguments(p_demo)
-    p_demo.set_defaults(func=_cmd_demo)
+    p_demo.set_defaults(func=_cmd_demo, parser=p_demo)
 
     p_info = sub.add_parser("info", help="versions, devices and which backend the ops use")
     p_info.set_defaults(func=_cmd_info)

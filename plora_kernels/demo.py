@@ -319,7 +319,7 @@ def _train_one(method: str, student_state: dict, teacher: nn.Module, names: list
             master = [p.detach().float().clone().requires_grad_(True) for p in params]
         optimizer = torch.optim.AdamW(master or params, lr=lr, weight_decay=0.0)
         every = cfg["every"] if method == "plora" else steps + 1  # LoRA: one stage, no unload
-        scheduler = stage_cosine_schedule(optimizer, total_steps=steps, every=every, warmup=cfg["warmup"],
+        scheduler = stage_cosine_schedule(optimizer, total_steps=steps, every=every, warmup=min(cfg["warmup"], steps),
                                           restart_warmup=restart_warmup, min_lr_ratio=0.05)
         unloader = PeriodicUnloader(model, optimizer, cfg["every"], seed=cfg["seed"]) if method == "plora" else None
         for step in range(steps):
@@ -378,10 +378,114 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {name!r}")
+        raise ConfigError("device", f"must be 'cpu', 'cuda' or 'auto', got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch.cuda.is_available() is False")
+        raise ConfigError("device", "is 'cuda' but torch.cuda.is_available() is False")
     return torch.device(name)
+
+
+class ConfigError(ValueError):
+    """A bad :func:`run_demo` argument: ``key`` is its keyword (``plora demo`` reports it as the flag ``--key``)."""
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"{key} {detail}")
+        self.key, self.detail = key, detail
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+def _positive_int(cfg: dict, key: str, maximum: int | None = None, what: str = "") -> None:
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(key, f"must be a positive int, got {v!r}")
+    if maximum is not None and v > maximum:
+        raise ConfigError(key, f"must be at most {maximum}{what}, got {v}")
+
+
+def _real(cfg: dict, key: str, low: float, high: float | None = None, low_open: bool = True,
+          high_open: bool = False) -> None:
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(key, f"must be a number, got {v!r}")
+    ok = math.isfinite(v) and (v > low if low_open else v >= low)
+    if high is not None:
+        ok = ok and (v < high if high_open else v <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}' + (')' if high_open else ']')}"
+        raise ConfigError(key, f"must be a finite number in {interval}, got {v}")
+
+
+def check_out_dir(out) -> Path:
+    """Make the output directory (with its parents) and check that a file can be written in it, before any
+    training: an unwritable ``out`` would otherwise lose every result at the end."""
+    import tempfile
+
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise ConfigError("out", f"must be a directory path, got {out!r}")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError("out", f"{str(path)!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".plora_write_check_"):
+            pass
+    except OSError as exc:
+        raise ConfigError("out", f"cannot write results to {str(path)!r}: {exc.strerror or exc}") from None
+    return path
+
+
+def check_config(methods=METHODS, save: bool = True, **kwargs) -> tuple[dict, tuple[str, ...]]:
+    """Every :func:`run_demo` argument checked, before anything runs: (the full config, the methods).
+
+    Raises TypeError for an unknown keyword and :class:`ConfigError` (a ValueError naming the keyword) for a bad
+    value; with ``save``, also when the output directory cannot be written or matplotlib is missing."""
+    unknown = set(kwargs) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"run_demo got unknown arguments {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    if isinstance(methods, str):
+        methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods or len(set(methods)) != len(methods):
+        raise ConfigError("methods", f"must be a non-empty subset of {METHODS} without repeats, got {methods!r}")
+    cfg = {**DEFAULTS, **{k: v for k, v in kwargs.items() if v is not None}}
+    hidden = min(MODEL_CONFIG["hidden_size"], MODEL_CONFIG["intermediate_size"])
+    _positive_int(cfg, "rank", hidden, f" (the smallest targeted layer dimension: a larger rank adds nothing)")
+    for key in ("steps", "batch_size"):
+        _positive_int(cfg, key)
+    _positive_int(cfg, "seq_len", MODEL_CONFIG["max_position_embeddings"], " (the model's max_position_embeddings)")
+    _positive_int(cfg, "every")
+    if "plora" in methods and cfg["every"] > cfg["steps"]:
+        raise ConfigError("every", f"must be at most steps={cfg['steps']} (PLoRA would never unload: that is LoRA), "
+                                   f"got {cfg['every']}")
+    for key in ("warmup", "restart_warmup"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(key, f"must be a non-negative int, got {v!r}")
+    if cfg["alpha"] is None:
+        cfg["alpha"] = 2 * cfg["rank"]
+    _real(cfg, "alpha", 0.0)
+    _real(cfg, "momentum", 0.0, 1.0, low_open=False, high_open=True)
+    for key in ("lr", "full_lr", "perturb"):
+        _real(cfg, key, 0.0)
+    _real(cfg, "rank_tol", 0.0, 1.0, high_open=True)
+    if cfg["dtype"] not in DTYPES:
+        raise ConfigError("dtype", f"must be one of {tuple(DTYPES)}, got {cfg['dtype']!r}")
+    if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
+        raise ConfigError("seed", f"must be a non-negative int, got {cfg['seed']!r}")
+    _resolve_device(cfg["device"])
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError("plora demo needs transformers: pip install 'plora_kernels[demo]'")
+    if save:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError("plora demo needs matplotlib to save its plot: pip install 'plora_kernels[demo]' (or "
+                              "run_demo(save=False))")
+        check_out_dir(cfg["out"])
+    return cfg, methods
 
 
 def run_demo(**kwargs) -> dict:
@@ -390,32 +494,19 @@ def run_demo(**kwargs) -> dict:
     Keyword arguments: any key of :data:`DEFAULTS` (rank, steps, every, momentum, lr, full_lr, dtype, device,
     out, seed, ...), plus ``methods`` (subset of ("lora", "plora", "full")), ``progress`` (tqdm bars, default
     True), ``save`` (write results.json, loss_curves.png and table.txt into ``out``; default True) and
-    ``verbose`` (print the table; default True).
+    ``verbose`` (print the table; default True). All are checked (:func:`check_config`) before anything runs:
+    TypeError for an unknown keyword, :class:`ConfigError` (a ValueError naming the keyword) for a bad value, an
+    unwritable ``out`` included.
 
     The result has "config", "methods" (per method: final_loss, gap_closed, gap_closed_vs_full,
     delta_rank_mean, step_ms, peak_mem_bytes, trainable_params, train_losses, ...), "initial_loss",
     "plora_over_lora" (ratio of the fractions of the initial loss removed), "table" and, when saved, "files".
     """
-    methods = tuple(kwargs.pop("methods", METHODS))
     progress = bool(kwargs.pop("progress", True))
     save = bool(kwargs.pop("save", True))
     verbose = bool(kwargs.pop("verbose", True))
-    unknown = set(kwargs) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"run_demo got unknown arguments {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {methods!r}")
-    cfg = {**DEFAULTS, **{k: v for k, v in kwargs.items() if v is not None}}
-    if cfg["alpha"] is None:
-        cfg["alpha"] = 2 * cfg["rank"]
-    for key in ("rank", "steps", "every", "batch_size", "seq_len"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise ValueError(f"{key} must be a positive int, got {cfg[key]!r}")
-    if not 0.0 <= cfg["momentum"] < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {cfg['momentum']}")
-    if cfg["dtype"] not in DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {cfg['dtype']!r}")
+    # every argument, the output directory included, is checked before anything is built or trained
+    cfg, methods = check_config(save=save, **kwargs)
     dtype = DTYPES[cfg["dtype"]]
     device = _resolve_device(cfg["device"])
     cfg["device"] = str(device)
@@ -598,16 +689,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_from_args(args: argparse.Namespace) -> dict:
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    return run_demo(rank=args.rank, alpha=args.alpha, steps=args.steps, every=args.every, momentum=args.momentum,
-                    lr=args.lr, full_lr=args.full_lr, dtype=args.dtype, device=args.device, out=args.out,
-                    seed=args.seed, methods=methods, progress=not args.no_progress)
+def _kwargs_from_args(args: argparse.Namespace) -> dict:
+    return dict(rank=args.rank, alpha=args.alpha, steps=args.steps, every=args.every, momentum=args.momentum,
+                lr=args.lr, full_lr=args.full_lr, dtype=args.dtype, device=args.device, out=args.out,
+                seed=args.seed, methods=args.methods, progress=not args.no_progress)
+
+
+def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict:
+    """Run the demo from parsed flags. Every flag (and the output directory) is checked first; with ``parser``, a
+    bad one is reported as argparse reports its own (usage, ``plora demo: error: argument --flag: ...``, exit
+    status 2), else it raises :class:`ConfigError`."""
+    kwargs = _kwargs_from_args(args)
+    try:
+        check_config(**{k: v for k, v in kwargs.items() if k != "progress"})
+    except ConfigError as exc:
+        if parser is None:
+            raise
+        parser.error(f"argument {exc.flag}: {exc.detail}")
+    return run_demo(**kwargs)
 
 
 def main(argv=None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="plora demo", description=__doc__.split("\n")[0]))
-    run_from_args(parser.parse_args(argv))
+    run_from_args(parser.parse_args(argv), parser)
     return 0
 
 

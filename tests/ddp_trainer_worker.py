@@ -1,5 +1,6 @@
 """Run by tests/test_integration_ddp.py under torchrun (2 CPU ranks, gloo): a transformers Trainer
 with PLoRACallback under DDP; every rank must end with bit-identical weights and adapters."""
+import gc
 import sys
 
 import torch
@@ -12,6 +13,28 @@ from plora_kernels.integrations.transformers import PLoRACallback
 
 
 def main(out_dir: str) -> None:
+    ok = False
+    try:
+        run(out_dir)
+        ok = True
+    finally:
+        shutdown(barrier=ok)
+
+
+def shutdown(barrier: bool) -> None:
+    """Tear down in order before the interpreter exits: the Trainer's DDP wrapper (it sits in reference cycles, so
+    only a collection frees it) before the process group it communicates over. A DDP reducer or a gloo group
+    still alive at exit can abort the process after the work is done ("terminate called without an active
+    exception"), which made this test flaky."""
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()  # no rank tears the group down while another still uses it
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def run(out_dir: str) -> None:
     torch.manual_seed(0)  # the same initial model on every rank (DDP also broadcasts it)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          vocab_size=64)
@@ -29,6 +52,7 @@ def main(out_dir: str) -> None:
     differ = unsynced_replicas(model)
     if dist.get_rank() == 0:
         print(f"RESULT unloads={sorted(unloads)} differ={differ}", flush=True)
+    del trainer, model, layers  # the DDP wrapper goes with the Trainer (collected in shutdown)
 
 
 if __name__ == "__main__":

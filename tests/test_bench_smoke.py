@@ -5,13 +5,25 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from plora_kernels import _backend
 from plora_kernels.bench import linear, unload
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--warmup-ms", "2", "--rep-ms", "10"]
 
 pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these runs check the code paths, not speed, and tiny matmuls on a shared machine's
+    spinning thread pool take milliseconds instead of microseconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _make_report():
@@ -27,24 +39,136 @@ def _one(tmp_path, pattern):
     return files[0]
 
 
+LINEAR_SHAPE = ["--shape", "64,128,128"]  # one tile: the Triton rows run in the interpreter on CPU, a second each
+
+
+def _linear_rows(record, mode=None, adapter=None):
+    return [r for r in record["results"] if not r["contender"].startswith("piece: ")
+            and (mode is None or r["mode"] == mode) and (adapter is None or r["adapter_dtype"] == adapter)]
+
+
 def test_linear_quick_writes_json_and_png(tmp_path, capsys):
-    rc = linear.main(["--quick", "--out", str(tmp_path), "--shape", "128,256,256", *FAST])
-    assert rc == 0
+    """Every resolver implementation of lora_linear, the default, the floor and PEFT, with fp32 adapters and with
+    adapters in x's dtype, forward and forward+backward, checked against fp32 and timed (the interpreter here)."""
+    rc = linear.main(["--quick", "--out", str(tmp_path), *LINEAR_SHAPE, *FAST])
     out = capsys.readouterr().out
-    assert "x floor" in out and "TFLOP/s" in out
+    assert rc == 0, out
+    assert "x floor" in out and "TFLOP/s" in out and "x peft" in out
     record = json.loads(_one(tmp_path, "linear-*.json").read_text())
     png = _one(tmp_path, "linear-*.png")
     assert png.stat().st_size > 1000 and record["plot"] == png.name
-    assert record["benchmark"] == "linear"
+    assert record["benchmark"] == "linear" and record["schema"] == 2 and record["complete"] is True
     assert {"device_name", "torch", "triton", "timestamp_utc"} <= set(record["environment"])
-    rows = record["results"]
-    assert {(r["mode"], r["contender"]) for r in rows} == {(m, c) for m in linear.MODES for c in linear.CONTENDERS}
-    for r in rows:
-        assert r["median_ms"] > 0 and r["ratio_to_floor"] > 0
-        if r["contender"] != "floor":
-            assert r["rel_err_vs_addmm"] < 3e-2  # every contender computes the same thing
-    if record["environment"]["device_type"] != "cuda":
-        assert "No CUDA GPU" in out
+    impls = list(_backend.IMPLEMENTATIONS["lora_linear"])
+    assert record["config"]["implementations"] == impls
+    assert record["config"]["configs"] == [[64, 128, 128, 16, "bf16", "bf16"], [64, 128, 128, 16, "bf16", "fp32"]]
+    on_gpu = record["environment"]["device_type"] == "cuda"
+    for mode in linear.MODES:
+        for adapter in ("fp32", "bf16"):
+            rows = _linear_rows(record, mode, adapter)
+            assert [r["contender"] for r in rows] == ["floor", "peft", *impls, "default"]
+            by = {r["contender"]: r for r in rows}
+            assert by["floor"]["ratio_to_floor"] == pytest.approx(1.0)
+            for r in rows:
+                assert r.get("skipped") or r["median_ms"] > 0, r
+                if r["contender"] != "floor" and not r.get("skipped"):
+                    assert r["rel_err"] < 3e-2, r  # every contender computes the same thing
+                    assert r["ratio_to_floor"] > 0 and (r["contender"] == "peft" or r["x_vs_peft"] > 0)
+            for name in impls:
+                r = by[name]
+                assert r["implementation"] == name
+                if not r.get("skipped"):  # what resolve answered in its forward and backward
+                    assert r["ran"] == name and "note" not in r, r
+                    if not on_gpu and name.startswith("triton"):
+                        assert r["label"] == f"{name} (interpreter)" and "interpreter" in r["timer"]
+            d = by["default"]
+            assert "implementation" not in d  # benchmarks/make_defaults.py must not count it as an implementation
+            assert d["resolved"] in impls and d["label"].startswith(f"default ({d['resolved']}")
+            assert d["ran"] == d["resolved"] and d["ratio_to_best"] > 0 and d["best_implementation"] in impls
+    if not on_gpu:
+        assert "No CUDA GPU" in out and record["targets"] == []
+        assert _linear_rows(record)[-1]["resolved"] == "torch"  # CPU tensors default to the reference
+        assert all(not r.get("skipped") for r in _linear_rows(record))  # TRITON_INTERPRET=1 (tests/conftest.py)
+
+
+def test_linear_takes_every_implementation_and_skips_what_cannot_run(tmp_path, monkeypatch):
+    """An implementation added to the resolver is timed without touching the bench; one the resolver refuses on this
+    device is skipped, with the resolver's reason."""
+    monkeypatch.setitem(_backend.IMPLEMENTATIONS, "lora_linear", (*_backend.IMPLEMENTATIONS["lora_linear"], "fake-ws"))
+    assert "fake-ws" in linear.contenders()
+    rc = linear.main(["--out", str(tmp_path), *LINEAR_SHAPE, "--adapter-dtype", "fp32", "--implementations",
+                      "torch,fake-ws", *FAST])
+    assert rc == 0
+    record = json.loads(_one(tmp_path, "linear-*.json").read_text())
+    assert record["config"]["implementations"] == ["torch", "fake-ws"]
+    for mode in linear.MODES:
+        by = {r["contender"]: r for r in _linear_rows(record, mode)}
+        assert list(by) == ["floor", "peft", "torch", "fake-ws", "default"]
+        assert "unknown implementation 'fake-ws'" in by["fake-ws"]["skipped"]
+        assert "median_ms" not in by["fake-ws"] and by["torch"]["median_ms"] > 0
+        assert by["default"]["best_implementation"] == "torch"
+
+
+def test_linear_interrupted_run_keeps_its_rows(tmp_path, monkeypatch):
+    """A run cut off (SIGINT, or SIGTERM from a time limit) has saved every config it finished, says so, exits 130."""
+    real, calls = linear.run_config, []
+
+    def second_interrupts(*args, **kwargs):
+        calls.append(args[:6])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("signal 15")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "run_config", second_interrupts)
+    rc = linear.main(["--out", str(tmp_path), *LINEAR_SHAPE, "--implementations", "torch", "--modes", "fwd", *FAST])
+    assert rc == 130
+    record = json.loads(_one(tmp_path, "linear-*.json").read_text())
+    assert record["complete"] is False and any("INTERRUPTED (signal 15)" in n for n in record["notes"])
+    assert {r["adapter_dtype"] for r in record["results"]} == {"bf16"}  # the first config, whole
+    assert [r["contender"] for r in record["results"]] == ["floor", "peft", "torch", "default"]
+
+
+def _linear_row(mode, contender, ms, M=8192, k_in=4096, n_out=4096, adapter="fp32", **extra):
+    row = {"mode": mode, "M": M, "in": k_in, "out": n_out, "r": 16, "dtype": "bf16", "adapter_dtype": adapter,
+           "contender": contender, "median_ms": ms, **extra}
+    if contender in _backend.IMPLEMENTATIONS["lora_linear"]:
+        row["implementation"] = contender
+    return row
+
+
+def test_linear_targets():
+    """#13's targets from the rows of one run: the default against the floor and PEFT at the target, and against the
+    fastest implementation on every config."""
+    rows = []
+    for adapter, fwd_ms, bwd_ms in (("fp32", 1.04, 2.0), ("bf16", 1.2, 2.3)):
+        for mode, ms in (("fwd", fwd_ms), ("fwd+bwd", bwd_ms)):
+            rows += [_linear_row(mode, "floor", 1.0 if mode == "fwd" else 2.0, adapter=adapter),
+                     _linear_row(mode, "peft", 3.0, adapter=adapter),
+                     _linear_row(mode, "torch", ms, adapter=adapter),
+                     _linear_row(mode, "triton", ms * 1.1, adapter=adapter),
+                     _linear_row(mode, "default", ms, adapter=adapter, resolved="torch")]
+    # another shape, where the default (torch) is 5% slower than triton
+    rows += [_linear_row("fwd+bwd", "floor", 1.0, M=2048), _linear_row("fwd+bwd", "torch", 1.05, M=2048),
+             _linear_row("fwd+bwd", "triton", 1.0, M=2048),
+             _linear_row("fwd+bwd", "default", 1.05, M=2048, resolved="torch")]
+    linear.derive(rows)
+    got = linear.targets(rows)
+    by = {(t["id"], "fp32 A,B" in t["what"]): t for t in got}
+    assert by[("default_fwd_vs_floor", True)]["value"] == pytest.approx(1.04)
+    assert by[("default_fwd_vs_floor", True)]["met"] is True
+    assert by[("default_fwd_vs_floor", False)]["met"] is False  # 1.2x
+    assert by[("default_fwd+bwd_vs_floor", True)]["value"] == pytest.approx(1.0)
+    assert by[("default_fwd+bwd_vs_floor", False)]["met"] is False  # 1.15x
+    assert by[("default_vs_peft", True)]["value"] == pytest.approx(1.5) and by[("default_vs_peft", True)]["met"]
+    assert by[("default_vs_peft", False)]["met"] is True  # 3 / 2.3 = 1.30x
+    best = by[("default_is_fastest_fwd+bwd", False)]
+    assert best["met"] is False and best["value"] == 1 and len(best["violations"]) == 1
+    assert best["violations"][0]["M"] == 2048 and best["violations"][0]["best"] == "triton"
+    assert "M=2048" in best["value_text"] and "1.050x triton" in best["value_text"]
+    assert by[("default_is_fastest_fwd", False)]["met"] is True
+    assert [r["x_vs_peft"] for r in rows if r["contender"] == "default" and r["mode"] == "fwd"] == \
+        [pytest.approx(3.0 / 1.04), pytest.approx(3.0 / 1.2)]
+    assert all(r.get("x_vs_peft") is None for r in rows if r["contender"] in ("floor", "peft"))
 
 
 UNLOAD_SHAPE = ["--shape", "32,64"]  # one 32x64 tile: the Triton rows run in the interpreter on CPU
@@ -159,11 +283,30 @@ def test_flop_count():
     assert linear.lora_flops(1, 10, 20, 2, "fwd+bwd") == 4 * 10 * 20 + 6 * 2 * 30
 
 
-def test_bad_arguments_exit_2(tmp_path, capsys):
-    assert linear.main(["--dtype", "int8", "--out", str(tmp_path)]) == 2
-    assert unload.main(["--factor-dtype", "fp64", "--out", str(tmp_path)]) == 2
-    assert unload.main(["--contenders", "merge_ nearest", "--out", str(tmp_path)]) == 2  # an old row name
-    assert unload.main(["--model", "70b", "--out", str(tmp_path)]) == 2
+@pytest.mark.parametrize("bench,args,flag", [
+    (linear, ["--dtype", "int8"], "--dtype"),
+    (linear, ["--adapter-dtype", "fp64"], "--adapter-dtype"),
+    (linear, ["--implementations", "cublas"], "--implementations"),
+    (linear, ["--modes", "bwd"], "--modes"),
+    (linear, ["--warmup-ms", "-1"], "--warmup-ms"),
+    (linear, ["--rep-ms", "0"], "--rep-ms"),
+    (linear, ["--rep-ms", "nan"], "--rep-ms"),
+    (linear, ["--ranks", "16,0"], "--ranks"),
+    (linear, ["--shape", "8192,0,4096"], "--shape"),
+    (linear, ["--shape", "8192,4096"], "--shape"),
+    (unload, ["--factor-dtype", "fp64"], "--factor-dtype"),
+    (unload, ["--contenders", "merge_ nearest"], "contender"),  # an old row name
+    (unload, ["--model", "70b"], "--model"),
+    (unload, ["--warmup-ms", "0"], "--warmup-ms"),
+    (unload, ["--rep-ms", "-5"], "--rep-ms"),
+    (unload, ["--ranks", "-8"], "--ranks"),
+    (unload, ["--shape", "0,64"], "--shape"),
+])
+def test_bad_arguments_exit_2(tmp_path, capsys, bench, args, flag):
+    """Refused argparse's way, naming the flag, with exit status 2, before anything runs or is written."""
+    assert bench.main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"plora bench {bench.__name__.rsplit('.', 1)[-1]}: error:" in err and flag in err, err
     assert not list(tmp_path.iterdir())
 
 
@@ -172,7 +315,8 @@ def results(tmp_path):
     """A results folder holding one small linear record and one unload record."""
     out = tmp_path / "results"
     out.mkdir()
-    assert linear.main(["--quick", "--out", str(out), "--shape", "64,128,128", "--modes", "fwd", *FAST]) == 0
+    assert linear.main(["--quick", "--out", str(out), *LINEAR_SHAPE, "--modes", "fwd", "--adapter-dtype", "fp32",
+                        *FAST]) == 0
     assert unload.main(["--quick", "--out", str(out), *UNLOAD_SHAPE, *FAST]) == 0
     return out
 
@@ -241,6 +385,13 @@ def test_make_report_renders_sweeps_pieces_and_static_records(tmp_path, results)
     new = json.loads(unl_path.read_text())  # the current engine's record, on the same (faked) GPU, later
     new["environment"] = dict(old["environment"], timestamp_utc="2026-12-01T00:00:00Z")
     (results / "unload-nvidia-h200-20261201T000000Z.json").write_text(json.dumps(new))
+    # the linear benchmark: the schema-1 H200 record and a later (faked) GPU record of the current schema
+    old_lin = ROOT / "benchmarks" / "results" / "linear-nvidia-h200-20261126T012103Z.json"
+    (results / old_lin.name).write_text(old_lin.read_text())
+    new_lin = dict(lin, environment=dict(new["environment"], timestamp_utc="2026-12-01T00:00:01Z"))
+    new_lin["targets"] = linear.targets(new_lin["results"], target=(64, 128, 128, 16, "bf16"))
+    assert {t["id"] for t in new_lin["targets"]} == {"default_fwd_vs_floor", "default_is_fastest_fwd"}
+    (results / "linear-nvidia-h200-20261201T000001Z.json").write_text(json.dumps(new_lin))
     static = {"benchmark": "kernels", "environment": dict(new["environment"], device_slug="sm90"),
               "config": {"arch": 90, "static": True},
               "results": [{"kernel": "unload", "variant": "production r=16", "registers": 64, "warps_per_sm": 32}]}
@@ -255,4 +406,17 @@ def test_make_report_renders_sweeps_pieces_and_static_records(tmp_path, results)
     assert "ablations of the raw Triton merge" in earlier, text
     assert "| nearest [32x256 w16] | 0.0456 | 77.0 |" in earlier
     assert "| 8192 x 8192 | 16 | bf16 | bf16 | 0.0679 (100.0%) | 0.2083 (32.6%) |" in earlier
+    # linear: the current schema's tables (shapes down, implementations across) and targets in the latest run, the
+    # schema-1 record as it was under the earlier records
+    assert "### linear — NVIDIA H200 — 2026-12-01T00:00:01Z" in latest
+    assert "**fwd, x and W bf16, A and B fp32**" in latest
+    impls = " | ".join(_backend.IMPLEMENTATIONS["lora_linear"])
+    assert f"| M | in → out | r | floor ms | peft | {impls} | default | default TFLOP/s |" in latest
+    assert "| 64 | 128 → 128 | 16 |" in latest and ", torch) |" in latest  # the default names what it ran
+    assert "| linear | NVIDIA H200 | default (torch) fwd / floor, M=64 128->128 r=16 bf16, fp32 A,B |" in latest
+    assert "fwd: the default never slower than the fastest implementation" in latest
+    assert "### linear — NVIDIA H200 — 2026-11-26T01:21:03Z" in earlier
+    assert "Earlier linear benchmark (schema 1)" in earlier
+    assert ("| 8192 | 4096 x 4096 | 16 | bf16 | 0.3879 (1.000x) | 0.5066 (1.306x) | 0.4518 (1.165x) | "
+            "0.5562 (1.434x) | 498.1 |") in earlier
     assert "Compiled kernels (static" in text and "| production r=16 | 64 |" in text

@@ -55,8 +55,15 @@ def test_bench_train_tiniest_writes_json_with_every_contender(tmp_path, capsys, 
         assert record["plot"] is None
 
 
-@pytest.mark.parametrize("bad", [["--contenders", "full,lora"], ["--dtype", "fp8"], ["--hidden", "31"],
-                                 ["--iters", "0"], ["--r", "0"]])
-def test_bench_train_rejects_bad_flags(bad, capsys):
+@pytest.mark.parametrize("bad,flag", [
+    (["--contenders", "full,lora"], "--contenders"), (["--dtype", "fp8"], "dtype"), (["--hidden", "31"], "--hidden"),
+    (["--iters", "0"], "--iters"), (["--iters", "-3"], "--iters"), (["--iters", "2.5"], "--iters"),
+    (["--warmup", "0"], "--warmup"), (["--warmup", "-1"], "--warmup"), (["--r", "0"], "--r"),
+    (["--hidden", "0"], "--hidden"), (["--batch", "-2"], "--batch"), (["--seq", "0"], "--seq"),
+    (["--alpha", "inf"], "--alpha"),
+])
+def test_bench_train_rejects_bad_flags(bad, flag, capsys):
+    """Refused argparse's way, naming the flag, with exit status 2, before any model is built."""
     assert train.main([*TINIEST, *bad, "--no-save"]) == 2
-    assert "plora bench train:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "plora bench train: error:" in err and flag in err, err

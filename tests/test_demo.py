@@ -77,7 +77,8 @@ def test_info_runs(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     for key in ("plora_kernels", "python", "torch", "triton", "transformers", "cuda device", "TRITON_INTERPRET",
-                "PLORA_BACKEND", "ops on CPU tensors", "ops on CUDA tensors", "nvcc"):
+                "PLORA_BACKEND", "PLORA_LINEAR_KERNEL", "PLORA_UNLOAD_KERNEL", "lora_linear on CPU tensors",
+                "unload on CPU tensors", "nvcc"):
         assert key in out, key
 
 

@@ -3,8 +3,9 @@ Hopper (sm_90) exactly as ``merge_group_`` launches it (``ops.triton.aot``), and
 regression that can be read without running it: no spills, no float atomics or fences, at most one integer
 atomic (the check pass's flag, outside the tile loop), at least 2 resident blocks per SM (the persistent grid
 sizes itself from this: fewer and a program's loads no longer overlap another's math), and SASS instructions per
-element of the tile loop within a budget. The merge and the GEMMs also compile for Ampere (sm_80), and the TMA
-GEMM issues TMA loads and wgmma on Hopper.
+element of the tile loop within a budget. The merge and the GEMMs also compile for Ampere (sm_80), the TMA
+GEMM issues TMA loads and wgmma on Hopper, and the warp-specialised GEMM (lora_matmul_ws) really is split into
+producer and consumer warpgroups, without spills, within shared memory.
 
 The interpreter accepts code the compiler rejects (``not`` of a runtime int, a constant passed as a loop-carried
 value, a runtime bound in static_range), so CI compiles down to cubin. It runs in a subprocess because the
@@ -65,6 +66,11 @@ MIN_BLOCKS_PER_SM = 2
 SM80 = [("bf16", "fp32", 16, "stochastic"), ("bf16", "bf16", 16, "nearest"), ("fp16", "fp16", 16, "stochastic"),
         ("bf16", "fp32", 8, "nearest"), ("fp32", "fp32", 16, "nearest"), ("fp64", "fp64", 4, "nearest")]
 
+# the warp-specialised GEMM as the forward (B = W^T, L = lora_B^T, with a bias) and dx (B = W, L = lora_A) launch it
+WS_VARIANTS = {"forward": dict(x="bf16", lora=True, bias=True, b_nk=True, l_nk=True),
+               "dx": dict(x="bf16", lora=True, bias=False, b_nk=False, l_nk=False)}
+SM90_SHARED_PER_BLOCK = 227 * 1024  # the opt-in maximum of dynamic shared memory per block
+
 SCRIPT = textwrap.dedent(r'''
     import json
     import sys
@@ -78,7 +84,8 @@ SCRIPT = textwrap.dedent(r'''
     KEEP = ("registers", "stack_bytes", "local_bytes", "spill_stores", "spill_loads", "shared_bytes",
             "blocks_per_sm", "blocks_limited_by", "float_atomics", "int_atomics", "loop_atomics", "membar",
             "sass_per_element", "loop_instructions", "inner_loops", "instructions", "tma_loads", "hgmma",
-            "ldg128", "stg128")
+            "ldg128", "stg128", "warp_specialized", "warpgroups", "setmaxnreg_inc", "setmaxnreg_dec",
+            "tma_stores")
 
 
     @triton.jit
@@ -100,6 +107,8 @@ SCRIPT = textwrap.dedent(r'''
                 got = aot.resources(kernel, 8)
             elif kind == "tma":
                 got = aot.resources(aot.compile_lora_matmul_tma(**kw), 8)
+            elif kind == "ws":
+                got = aot.lora_matmul_ws_resources(**kw)
             else:
                 kernel = aot._compile(_atomics_probe, dict(x_ptr="*fp32", f_ptr="*fp32", i_ptr="*i32"), {},
                                       unit=(), divisible=("x_ptr", "f_ptr", "i_ptr"), arch=90, num_warps=4)
@@ -133,6 +142,7 @@ def _specs():
             specs.append(("gemm", dict(x=x, adapters=adapters, lora=lora, bias=bias, arch=arch)))
     for lora, b_nk in ((True, True), (False, False)):  # TMA is Hopper's: both orientations of B
         specs.append(("tma", dict(lora=lora, b_nk=b_nk, arch=90)))
+    specs += [("ws", kw) for kw in WS_VARIANTS.values()]
     specs.append(("probe", {}))
     return specs
 
@@ -231,3 +241,19 @@ def test_tma_gemm_uses_tma_and_wgmma(compiled):
         got = _get(compiled, "tma", lora=lora, b_nk=b_nk, arch=90)
         assert "error" not in got, got["error"]
         assert got["tma_loads"] > 0 and got["hgmma"] > 0, got
+
+
+@pytest.mark.parametrize("name", list(WS_VARIANTS))
+def test_ws_gemm_is_warp_specialized(compiled, name):
+    """lora_matmul_ws for sm_90: Triton's Hopper pass split it into a producer warpgroup and two consumer
+    warpgroups that trade registers with setmaxnreg (it declines silently, e.g. for an if/else in the kernel or
+    num_warps != 4, and the kernel would then be a plain persistent one); TMA loads and stores, wgmma; no
+    spills; and the tile fits in shared memory."""
+    got = _get(compiled, "ws", **WS_VARIANTS[name])
+    assert "error" not in got, got["error"]
+    assert got["warp_specialized"] and got["warpgroups"] == 3, got
+    assert got["setmaxnreg_inc"] and got["setmaxnreg_dec"], got
+    assert min(got["setmaxnreg_dec"]) < got["registers"] < max(got["setmaxnreg_inc"]), got
+    assert got["tma_loads"] > 0 and got["tma_stores"] > 0 and got["hgmma"] > 0, got
+    assert got["stack_bytes"] == 0 and got["spill_stores"] == 0 and got["spill_loads"] == 0, got
+    assert got["shared_bytes"] <= SM90_SHARED_PER_BLOCK, got

@@ -7,6 +7,8 @@ reference path on the CPU and say nothing about the kernels.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -14,6 +16,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -47,14 +50,68 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
     return out
 
 
-def parse_ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
+def parse_ints(text) -> list[int]:
+    """``"8,16"`` (or an already parsed list) -> [8, 16]; raises ValueError unless every value is a positive int."""
+    if isinstance(text, (list, tuple)):
+        values = list(text)
+    else:
+        try:
+            values = [int(t) for t in str(text).split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(not isinstance(v, int) or v < 1 for v in values):
         raise ValueError(f"expected positive integers, got {text!r}")
     return values
+
+
+# ------------------------------------------------------------------------------------- argument checks
+# argparse ``type=`` functions: a bad value is refused by argparse itself, naming the flag
+# ("<prog>: error: argument --rep-ms: must be a positive number, got '-1'"), with exit status 2.
+def positive_float(text: str) -> float:
+    """A time budget in ms and the like: finite and > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count (steps, a rank, a size): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated counts (ranks, a shape): every one an integer >= 1."""
+    try:
+        return parse_ints(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("expected", "must be", 1)) from None
+
+
+def parse_cli(parser: argparse.ArgumentParser, argv, finish: Callable[[argparse.Namespace], object] | None = None):
+    """``parser.parse_args(argv)``, then ``finish(args)``, whose ValueError (a bad value or combination found
+    after parsing) is reported as argparse reports its own: usage, ``<prog>: error: ...``, SystemExit(2)."""
+    args = parser.parse_args(argv)
+    if finish is not None:
+        try:
+            finish(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+    return args
+
+
+def exit_code(exc: SystemExit) -> int:
+    """The status a benchmark's ``main`` returns for argparse's SystemExit (2: a refused argument; 0: --help)."""
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -68,9 +125,12 @@ def pick_device() -> torch.device:
 def add_common_args(p) -> None:
     """The flags every kernel benchmark takes: output folder, do_bench budgets, --no-save."""
     p.add_argument("--out", default=None, help="results folder (default: <repo>/benchmarks/results)")
-    p.add_argument("--ranks", default=None, help="comma-separated ranks (overrides the default set)")
-    p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--ranks", type=positive_ints, default=None,
+                   help="comma-separated ranks (overrides the default set)")
+    p.add_argument("--warmup-ms", type=positive_float, default=25.0,
+                   help="do_bench warm-up budget per timing, ms (> 0; default 25)")
+    p.add_argument("--rep-ms", type=positive_float, default=100.0,
+                   help="do_bench repetition budget per timing, ms (> 0; default 100)")
     p.add_argument("--no-save", action="store_true", help="print the table only; write no JSON/PNG")
 
 
@@ -145,7 +205,8 @@ def bench(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 
 
     fn()  # compile / autotune outside the timed region
     torch.cuda.synchronize(device)
-    q = triton.testing.do_bench(fn, warmup=int(warmup_ms), rep=int(rep_ms), quantiles=[0.5, 0.2, 0.8])
+    q = triton.testing.do_bench(fn, warmup=max(1, round(warmup_ms)), rep=max(1, round(rep_ms)),
+                                quantiles=[0.5, 0.2, 0.8])
     q = [float(v) for v in (q if isinstance(q, (list, tuple)) else [q, q, q])]
     return Timing(q[0], q[1], q[2], "triton.testing.do_bench")
 
@@ -282,17 +343,42 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
-def save_record(stem: Path, payload: dict, rows: Sequence[dict], png: Path | None) -> Path:
-    """Write ``payload`` plus the result rows (NaN/inf as null) and the plot's name to ``stem``.json; say where."""
+def write_record(stem: Path, payload: dict, rows: Sequence[dict], png: Path | None = None) -> Path:
+    """Write ``payload`` plus the result rows (NaN/inf as null) and the plot's name to ``stem``.json, quietly: the
+    benchmarks call it after every config, so that a run cut off keeps what it measured."""
     payload = {**payload, "results": [{k: clean_float(v) for k, v in r.items()} for r in rows],
                "plot": png.name if png is not None else None}
-    path = write_json(stem.with_suffix(".json"), payload)
-    print(f"wrote {path}" + (f" and {png}" if png is not None else ""))
+    return write_json(stem.with_suffix(".json"), payload)
+
+
+def save_record(stem: Path, payload: dict, rows: Sequence[dict], png: Path | None) -> Path:
+    """:func:`write_record`, and say where."""
+    path = write_record(stem, payload, rows, png)
+    print(f"wrote {path}" + (f" and {png}" if png is not None else ""), flush=True)
     return path
 
 
-def parse_shapes(texts: Sequence[str] | None, arity: int, form: str) -> list[tuple[int, ...]] | None:
-    """Repeated ``--shape`` flags, e.g. ``["8192,4096,4096"]`` -> [(8192, 4096, 4096)]; None when absent."""
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a time limit's kill) raises KeyboardInterrupt, as SIGINT does, so that a benchmark's loop can save
+    the rows so far (``"complete": false``) before it exits."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def parse_shapes(texts: Sequence | None, arity: int, form: str) -> list[tuple[int, ...]] | None:
+    """Repeated ``--shape`` flags, e.g. ``["8192,4096,4096"]`` (or lists already parsed by :func:`positive_ints`)
+    -> [(8192, 4096, 4096)]; None when absent."""
     if not texts:
         return None
     shapes = [tuple(parse_ints(t)) for t in texts]

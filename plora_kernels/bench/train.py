@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import os
 import sys
 import time
@@ -274,12 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=sorted(SIZES), default=None,
                    help="model preset (default: tiny on CPU, 1b on a GPU)")
     for field in SIZE_FIELDS:
-        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help=f"override the preset's {field}")
-    p.add_argument("--r", type=int, default=16, help="adapter rank (default 16)")
+        p.add_argument(f"--{field.replace('_', '-')}", type=common.positive_int, default=None,
+                       help=f"override the preset's {field}")
+    p.add_argument("--r", type=common.positive_int, default=16, help="adapter rank (default 16)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on CPU)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps (default: 10 on a GPU, 5 on CPU)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--iters", type=common.positive_int, default=None,
+                   help="timed steps (default: 10 on a GPU, 5 on CPU)")
+    p.add_argument("--warmup", type=common.positive_int, default=2, help="untimed steps first (>= 1; default 2)")
     p.add_argument("--contenders", default=",".join(CONTENDERS),
                    help=f"comma-separated subset of {', '.join(CONTENDERS)}")
     p.add_argument("--out", default=None, help="results folder (default: <repo>/benchmarks/results)")
@@ -288,7 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse(argv):
-    args = build_parser().parse_args(argv)
+    """(args, device, dtype, size, size label, contenders); a bad value is refused argparse's way (usage,
+    'plora bench train: error: ...', exit status 2): counts by their ``type=``, the rest by ``_finish``."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        return _finish(args)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def _finish(args):
     device = common.pick_device()
     on_gpu = device.type == "cuda"
     size_name = args.size or ("1b" if on_gpu else "tiny")
@@ -296,22 +309,18 @@ def _parse(argv):
     overridden = []
     for field in SIZE_FIELDS:
         value = getattr(args, field)
-        if value is not None:
-            if value < 1:
-                raise ValueError(f"--{field.replace('_', '-')} must be a positive int, got {value}")
+        if value is not None:  # positive: checked by its type
             size[field], overridden = value, overridden + [field]
     if size["hidden"] % size["heads"] or size["heads"] % size["kv_heads"]:
         raise ValueError(f"--hidden ({size['hidden']}) must be a multiple of --heads ({size['heads']}) and --heads "
                          f"of --kv-heads ({size['kv_heads']})")
-    if args.r < 1:
-        raise ValueError(f"--r must be a positive int, got {args.r}")
     args.alpha = float(2 * args.r if args.alpha is None else args.alpha)
+    if not math.isfinite(args.alpha):
+        raise ValueError(f"--alpha must be finite, got {args.alpha}")
     dtypes = common.parse_dtypes(args.dtype or ("bf16" if on_gpu else "fp32"))
     if len(dtypes) != 1:
         raise ValueError("--dtype takes one dtype")
     args.iters = args.iters if args.iters is not None else (10 if on_gpu else 5)
-    if args.iters < 1 or args.warmup < 1:
-        raise ValueError(f"--iters and --warmup must be >= 1, got {args.iters} and {args.warmup}")
     names = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if not names or any(c not in CONTENDERS for c in names):
         raise ValueError(f"--contenders must be a comma-separated subset of {', '.join(CONTENDERS)}, "
@@ -323,9 +332,8 @@ def _parse(argv):
 def main(argv=None) -> int:
     try:
         args, device, dtype, size, size_label, names = _parse(list(sys.argv[1:] if argv is None else argv))
-    except ValueError as exc:
-        print(f"plora bench train: {exc}", file=sys.stderr)
-        return 2
+    except SystemExit as exc:  # a refused argument (status 2, reported by argparse) or --help
+        return common.exit_code(exc)
     try:
         import transformers  # noqa: F401
     except ImportError as exc:

@@ -50,7 +50,6 @@ import argparse
 import contextlib
 import functools
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -596,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor-dtype", default=None,
                    help="dtype of A and B: 'same' as W, 'fp32' (what training passes) or 'same,fp32'. Default: "
                         "both on the target config, --quick and --shape runs; fp32 on the other full-run shapes")
-    p.add_argument("--shape", action="append", default=None, metavar="OUT,IN",
+    p.add_argument("--shape", action="append", type=common.positive_ints, default=None, metavar="OUT,IN",
                    help="a W shape to run instead of the defaults (repeatable)")
     p.add_argument("--contenders", default=None,
                    help="comma-separated subset of the per-layer contenders to time (copy always runs; '-' may "
@@ -610,9 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse(argv):
+    """The parsed flags; a bad value is refused argparse's way (usage, 'plora bench unload: error: ...', exit 2)."""
+    p = build_parser()
+    return common.parse_cli(p, argv, _finish)
+
+
+def _finish(args) -> None:
+    """Checks and derived fields after parsing; ValueError for a bad value (parse_cli reports it)."""
     from .train import SIZES
 
-    args = build_parser().parse_args(argv)
     args.dtypes = common.parse_dtypes(args.dtype or ("bf16" if args.quick else "bf16,fp16"))
     if args.factor_dtype is not None:
         modes = [f.strip().lower() for f in args.factor_dtype.split(",") if f.strip()]
@@ -632,7 +637,6 @@ def _parse(argv):
     args.names = set(names or CONTENDERS) | {"copy"}
     if args.model is not None and args.model not in ("none", "micro", *SIZES):
         raise ValueError(f"--model takes one of {', '.join(SIZES)}, micro or none, got {args.model!r}")
-    return args
 
 
 def configs_for(args, on_gpu: bool) -> list[tuple]:
@@ -650,29 +654,14 @@ def configs_for(args, on_gpu: bool) -> list[tuple]:
     return [(o, i, r, d, both) for d in args.dtypes for (o, i) in shapes for r in ranks]
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a time limit's kill) raises KeyboardInterrupt, as SIGINT does, so the rows so far are saved."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+_sigterm_as_interrupt = common.sigterm_as_interrupt  # shared with bench linear
 
 
 def main(argv=None) -> int:
     try:
         args = _parse(list(sys.argv[1:] if argv is None else argv))
-    except ValueError as exc:
-        print(f"plora bench unload: {exc}", file=sys.stderr)
-        return 2
+    except SystemExit as exc:  # a refused argument (status 2, reported by argparse) or --help
+        return common.exit_code(exc)
 
     device, notes = common.pick_device_announced(" Peak memory is only measured on CUDA.")
     on_gpu = device.type == "cuda"

@@ -7,7 +7,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..nn.linear import PLoRALinear
+from ..nn.linear import PLoRALinear, check_layer_args
+from ..nn.patching import LAYER_KWARGS, tied_weights, untie_config_, warn_untied
 
 
 def _alpha_for(scaling: float, r: int) -> float:
@@ -75,8 +76,12 @@ def from_peft(peft_model: nn.Module, **kw) -> nn.Module:
     their own dtype, PEFT's fp32-on-16-bit default included) and the layer's own scaling: ``alpha / r``,
     ``alpha / sqrt(r)`` with ``use_rslora`` and ``rank_pattern``/``alpha_pattern`` values all carry over,
     represented as ``alpha = scaling * r``.
-    ``modules_to_save`` copies replace their originals (as PEFT's ``merge_and_unload`` does). Other parameters
-    keep their ``requires_grad`` as PEFT set it.
+    ``modules_to_save`` copies replace their originals (as PEFT's ``merge_and_unload`` does). Every other parameter,
+    the base layers' weights and biases included (PEFT's ``bias="all"`` / ``"lora_only"`` train biases), keeps its
+    ``requires_grad`` as PEFT set it. A LoRA layer whose base weight is tied to another parameter (e.g. an LM head
+    tied to the input embedding) is untied with a warning: its PLoRALinear gets its own copy of the weight (see
+    :mod:`plora_kernels.nn.patching`). Every layer is converted before the model is changed: an error leaves
+    ``peft_model`` as it was.
 
     Args:
         peft_model: a ``peft.PeftModel`` (or its ``LoraModel``) with one LoRA adapter, active and not merged.
@@ -92,6 +97,11 @@ def from_peft(peft_model: nn.Module, **kw) -> nn.Module:
     eval mode are identical, but PLoRALinear trains without dropout.
     """
     PeftModel, LoraModel, LoraLayer, LoraLinear, ModulesToSaveWrapper, AuxWrapper = _lora_layer_types()
+    unknown = sorted(set(kw) - set(LAYER_KWARGS))
+    if unknown:
+        raise TypeError(f"from_peft got unexpected keyword arguments {unknown}; it takes {', '.join(LAYER_KWARGS)} "
+                        "(r and alpha come from the PEFT adapter)")
+    check_layer_args(1, 1.0, **kw)
     if isinstance(peft_model, PeftModel):
         tuner = peft_model.base_model
     elif isinstance(peft_model, LoraModel):
@@ -124,16 +134,30 @@ def from_peft(peft_model: nn.Module, **kw) -> nn.Module:
         warnings.warn(f"from_peft: lora_dropout={dropped} is dropped; outputs in eval mode are unchanged, but "
                       "PLoRALinear trains without dropout on the adapter input", stacklevel=2)
 
+    # every layer is converted before the first one replaces its PEFT layer: an error changes nothing
+    tied = tied_weights(model, [(f"{name}.base_layer", layer.get_base_layer()) for name, layer, _ in checked])
+    converted = []
     for name, layer, adapter in checked:
         down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         r, scaling = down.shape[0], float(layer.scaling[adapter])
-        new = PLoRALinear.from_linear(layer.get_base_layer(), r=r, alpha=_alpha_for(scaling, r),
-                                      **{"adapter_dtype": down.dtype, **kw})
+        base = layer.get_base_layer()
+        new = PLoRALinear.from_linear(base, r=r, alpha=_alpha_for(scaling, r), **{"adapter_dtype": down.dtype, **kw})
         with torch.no_grad():
             new.lora_A.copy_(down)
             new.lora_B.copy_(up)
+        if f"{name}.base_layer" in tied:  # tied (e.g. an LM head to the input embedding): this layer's own copy
+            new.weight = nn.Parameter(new.weight.detach().clone(), requires_grad=False)
+        # PEFT's bias="all" / "lora_only" train the base layer's bias (and a user may have unfrozen W): keep that
+        new.weight.requires_grad_(base.weight.requires_grad)
+        if new.bias is not None:
+            new.bias.requires_grad_(base.bias.requires_grad)
         new.train(layer.training)
+        converted.append((name, new))
+    for name, new in converted:
         model.set_submodule(name, new)
+    if tied:
+        untie_config_(model)
+        warn_untied("from_peft", {name.removesuffix(".base_layer"): others for name, others in tied.items()})
     for name, wrapper in wrappers:
         # PEFT's own unloading of a modules_to_save wrapper: the active trained copy (or the original if none)
         model.set_submodule(name, wrapper.unload_and_optionally_merge_module(merge=False, safe_merge=False,

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..nn.patching import plora_layers
+from ..ops.checks import check_int, check_momentum
 from ..train.unloader import OPTIMIZER_RESETS, PeriodicUnloader
 
 STATE_FILE = "plora_state.json"
@@ -99,14 +100,12 @@ class PLoRACallback(TrainerCallback, ExportableState):
                  seed: int = 0):
         # checked here as well as in PeriodicUnloader so that a bad value fails when the Trainer is built,
         # not minutes later when training begins
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive int (optimizer steps per stage), got {every!r}")
-        if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"momentum must be None or a float in [0, 1), got {momentum!r}")
+        check_int("every", every, minimum=1)  # optimizer steps per stage
+        if momentum is not None:
+            momentum = check_momentum(momentum)
         if optimizer_reset is not None and optimizer_reset not in OPTIMIZER_RESETS:
             raise ValueError(f"optimizer_reset must be one of {OPTIMIZER_RESETS} or None, got {optimizer_reset!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        check_int("seed", seed, error=TypeError)
         self.every, self.momentum, self.optimizer_reset, self.seed = every, momentum, optimizer_reset, seed
         self.unloader: PeriodicUnloader | None = None
         self.last_delta_norm: float | None = None

@@ -6,9 +6,11 @@ import math
 import torch
 from torch import nn
 
-from ..ops import lora_linear, unload_
+from ..ops import lora_linear
+from ..ops.checks import (FLOAT_DTYPES, check_factors, check_int, check_momentum, check_real, check_rounding,
+                          check_scaling)
+from ..ops.merge import Merge, merge_many_
 from ..ops.unload import UnloadSpec, unload_many_
-from ..ops.checks import ROUNDINGS
 from ..ops.reference import init_lora_A_
 
 
@@ -34,12 +36,11 @@ class PLoRALinear(nn.Module):
                  momentum: float = 0.0, rounding: str | None = None, device=None, dtype=None,
                  adapter_dtype: torch.dtype | None = None):
         super().__init__()
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if rounding is not None and rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS} or None, got {rounding!r}")
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            check_int(name, value, minimum=0, error=TypeError)
+        momentum = check_layer_args(r, alpha, momentum, rounding, adapter_dtype)
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be a floating-point dtype (fp16/bf16/fp32/fp64) or None, got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
@@ -49,7 +50,7 @@ class PLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=adapter_dtype))
         self.r, self.alpha = r, alpha
-        self.momentum = float(momentum)
+        self.momentum = momentum
         self.rounding = rounding or default_rounding(self.weight.dtype)
         self.register_buffer("num_unloads", torch.zeros((), dtype=torch.long, device=device))
         self.reset_parameters()
@@ -60,7 +61,8 @@ class PLoRALinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Base weight as nn.Linear; adapter as PEFT (A kaiming-uniform, B zero, so the adapter starts at 0)."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.weight.numel():  # nn.Linear(0, n) is allowed; init warns on an empty tensor
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
@@ -68,7 +70,8 @@ class PLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
-        init_lora_A_(self.lora_A, generator)
+        if self.lora_A.shape[1]:  # in_features = 0 (as nn.Linear allows): A is empty, nothing to draw
+            init_lora_A_(self.lora_A, generator)
         self.lora_B.zero_()
 
     @classmethod
@@ -76,6 +79,7 @@ class PLoRALinear(nn.Module):
         """Wrap an existing nn.Linear; its weight and bias are shared (not copied) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_layer_args(r, alpha, kw.get("momentum", 0.0), kw.get("rounding"), kw.get("adapter_dtype"))
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, r, alpha, bias=linear.bias is not None,
                     device="meta", dtype=w.dtype, **kw)
@@ -103,13 +107,19 @@ class PLoRALinear(nn.Module):
                           generator, label, seed)
 
     @torch.no_grad()
-    def merged_linear(self) -> nn.Linear:
-        """A plain nn.Linear with weight round_nearest(W + s B A); this layer is left unchanged."""
+    def merged_linear(self, label: str = "") -> nn.Linear:
+        """A plain nn.Linear with weight round_nearest(W + s B A); this layer is left unchanged (and no random
+        generator is consumed). Raises ValueError, naming ``label``, if the merged weight would not be finite."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=self.weight.dtype)
-        # the fused unload on a copy: one new W-sized tensor and no fp32 W-sized delta
+        if self.weight.device.type == "meta":
+            raise ValueError(f"merge_plora: layer {label!r} is on the meta device (it holds no data); materialise the "
+                             "model first")
+        check_factors(self.weight, self.lora_A, self.lora_B)
+        scaling = check_scaling(self.scaling)
+        # the checked merge on a copy of W: one new W-sized tensor and no fp32 W-sized delta; A and B are only read
         weight = self.weight.detach().clone()
-        unload_(weight, self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
+        merge_many_([Merge(weight, self.lora_A.detach(), self.lora_B.detach(), scaling, "nearest")], [label])
         linear.weight = nn.Parameter(weight, requires_grad=False)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
@@ -119,6 +129,20 @@ class PLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, alpha={self.alpha}, momentum={self.momentum}, rounding={self.rounding!r}, "
                 f"unloads={int(self.num_unloads)}")
+
+
+def check_layer_args(r, alpha, momentum=0.0, rounding=None, adapter_dtype=None) -> float:
+    """The adapter arguments of :class:`PLoRALinear` (and of apply_plora / from_linear): r a positive int, alpha a
+    finite real, momentum in [0, 1), rounding "nearest", "stochastic" or None, adapter_dtype a float dtype or None.
+    Returns the momentum as a float. Raises TypeError / ValueError naming the argument."""
+    check_int("r", r, minimum=1)
+    check_real("alpha", alpha)
+    momentum = check_momentum(momentum)
+    check_rounding(rounding, allow_none=True)
+    if adapter_dtype is not None and adapter_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"adapter_dtype must be a floating-point dtype (fp16/bf16/fp32/fp64) or None, got "
+                        f"{adapter_dtype!r}")
+    return momentum
 
 
 def unload_layers_(layers, generators=None, labels=None, seeds=None) -> None:

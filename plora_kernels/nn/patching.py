@@ -1,19 +1,41 @@
-"""Model patching: put PLoRALinear layers into a model, unload them all, merge them back out."""
+"""Model patching: put PLoRALinear layers into a model, unload them all, merge them back out.
+
+Tied weights. A Linear whose weight is shared with another parameter of the model (an LM head tied to the input
+embedding, two Linear layers holding one Parameter) cannot carry an adapter that is periodically merged into that
+weight: every unload would move the other module too, and the model's output would jump at each stage. The
+policy, the same everywhere:
+
+- :func:`apply_plora` and :func:`plora_kernels.integrations.from_peft` untie such a layer, with a warning: the
+  PLoRALinear gets its own copy of the weight, the other modules keep the original, and the model's
+  ``config.tie_word_embeddings`` is set to False so that transformers does not tie them again;
+- :func:`merge_plora` gives each merged layer its own weight (the function the model computed is kept), so a
+  layer that was tied again after patching is untied, with the same warning;
+- :func:`unload_all_` and :class:`plora_kernels.PeriodicUnloader` refuse a layer whose weight is shared, and
+  change nothing.
+"""
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, Iterator
 
 from torch import nn
 
-from .linear import PLoRALinear, unload_layers_
+from ..ops.checks import shares_memory
+from .linear import PLoRALinear, check_layer_args, unload_layers_
+
+LAYER_KWARGS = ("momentum", "rounding", "adapter_dtype")
+
+
+def _check_model(model, fn: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
 
 
 def plora_layers(model: nn.Module) -> Iterator[tuple[str, PLoRALinear]]:
     """(name, layer) for every PLoRALinear in ``model``, in module order."""
-    for name, module in model.named_modules():
-        if isinstance(module, PLoRALinear):
-            yield name, module
+    _check_model(model, "plora_layers")
+    return ((name, module) for name, module in model.named_modules() if isinstance(module, PLoRALinear))
 
 
 def _output_head_ids(model: nn.Module) -> set[int]:
@@ -32,21 +54,77 @@ def _output_head_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def _matcher(target_modules: str | Iterable[str] | None):
+def _matcher(target_modules):
     if target_modules is None:
         return None
     if isinstance(target_modules, str):  # as PEFT: a string is a regex matched against the full name
-        pattern = re.compile(target_modules)
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {exc}") from None
         return lambda name: pattern.fullmatch(name) is not None
+    expected = "None, a regex string or a non-empty list of module names"
+    if isinstance(target_modules, (bytes, nn.Module)) or not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be {expected}, got {target_modules!r} ({type(target_modules).__name__})")
     suffixes = list(target_modules)
-    if not suffixes or not all(isinstance(s, str) for s in suffixes):
-        raise TypeError(f"target_modules must be None, a regex string or a non-empty list of names, got {target_modules!r}")
+    if not suffixes or not all(isinstance(s, str) and s for s in suffixes):
+        raise TypeError(f"target_modules must be {expected}, got {target_modules!r}")
     return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _is_dtensor(t) -> bool:
+    from ..ops.sharded import is_dtensor
+
+    return is_dtensor(t)
+
+
+def _memory_key(t):
+    """Tensors that may share memory have equal keys: (device, storage address); a meta tensor, which has no
+    memory, is keyed by its identity. None for DTensors (their local shards are FSDP2's business)."""
+    if _is_dtensor(t):
+        return None
+    if t.device.type == "meta":
+        return ("meta", id(t))
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def tied_weights(model: nn.Module, layers: Iterable[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    """{layer name: names of the other parameters and buffers of ``model`` sharing memory with its weight} for each
+    (name, layer) of ``layers`` whose weight is tied (the same Parameter, or a view of its storage)."""
+    holders: dict = {}
+    for other, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        if t is not None and (key := _memory_key(t)) is not None:
+            holders.setdefault(key, []).append((other, t))
+    out = {}
+    for name, layer in layers:
+        w = layer.weight
+        key = _memory_key(w)
+        own = f"{name}.weight" if name else "weight"
+        others = [other for other, t in holders.get(key, ()) if other != own
+                  and (t is w or (key[0] != "meta" and shares_memory(t, w)))] if key is not None else []
+        if others:
+            out[name] = others
+    return out
+
+
+def untie_config_(model: nn.Module) -> None:
+    """Keep transformers from tying the weights again (``tie_weights`` reads ``config.tie_word_embeddings``)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+
+
+def warn_untied(fn: str, tied: dict[str, list[str]], stacklevel: int = 3) -> None:
+    pairs = "; ".join(f"{name} (tied to {', '.join(others)})" for name, others in tied.items())
+    warnings.warn(f"{fn}: untied {pairs}: each adapted layer now has its own copy of the weight and the other "
+                  "modules keep the original, since an unload or merge into a shared weight would change them too; "
+                  "config.tie_word_embeddings was set to False", UserWarning, stacklevel=stacklevel)
 
 
 def apply_plora(model: nn.Module, target_modules: str | Iterable[str] | None = None, r: int = 8,
@@ -59,33 +137,89 @@ def apply_plora(model: nn.Module, target_modules: str | Iterable[str] | None = N
             regex string matched against the full module name.
         r, alpha, **kw: passed to :meth:`PLoRALinear.from_linear` (momentum, rounding, adapter_dtype).
 
-    Returns the same model. Raises ValueError if nothing matched.
+    May be called several times (e.g. a different r per group of modules): layers that are already PLoRALinear
+    are left as they are, and their adapters stay trainable. A targeted Linear whose weight is tied to another
+    parameter (e.g. an LM head tied to the input embedding) is untied with a warning (see the module docstring).
+
+    Returns the same model. Raises TypeError / ValueError naming the argument for bad arguments and ValueError if
+    nothing matched; every check runs before the model is changed, so an error leaves it as it was.
     """
+    _check_model(model, "apply_plora")
+    if isinstance(model, (nn.Linear, PLoRALinear)):
+        raise TypeError(f"apply_plora: model is itself a {type(model).__name__}; apply_plora patches the layers "
+                        "inside a model in place and cannot replace the model object. Use "
+                        "PLoRALinear.from_linear(layer, r=..., alpha=...) for one layer, or wrap it: "
+                        "apply_plora(nn.Sequential(layer))")
+    unknown = sorted(set(kw) - set(LAYER_KWARGS))
+    if unknown:
+        raise TypeError(f"apply_plora got unexpected keyword arguments {unknown}; it takes target_modules, r, alpha "
+                        f"and {', '.join(LAYER_KWARGS)}")
+    check_layer_args(r, alpha, **kw)
     match = _matcher(target_modules)
     skip = _output_head_ids(model) if match is None else set()
     chosen = [(name, m) for name, m in model.named_modules()
-              if type(m) is nn.Linear and id(m) not in skip and (match is None or match(name))]
+              if name and type(m) is nn.Linear and id(m) not in skip and (match is None or match(name))]
     if not chosen:
+        done = [name for name, _ in plora_layers(model) if match is None or match(name)]
         linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear; linear layers are: {linears[:20]}")
+        hint = f"; already PLoRALinear: {done[:20]}" if done else ""
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear; linear layers are: "
+                         f"{linears[:20]}{hint}")
+    earlier = {id(p) for _, layer in plora_layers(model) for p in (layer.lora_A, layer.lora_B)}
+    tied = tied_weights(model, chosen)
+    # everything that can fail is done: build the new layers (this draws their A's), then change the model
+    new = [(name, PLoRALinear.from_linear(linear, r=r, alpha=alpha, **kw)) for name, linear in chosen]
     for p in model.parameters():
-        p.requires_grad_(False)
-    for name, linear in chosen:
-        _set_submodule(model, name, PLoRALinear.from_linear(linear, r=r, alpha=alpha, **kw))
+        if id(p) not in earlier:  # an earlier call's adapters keep their requires_grad
+            p.requires_grad_(False)
+    for name, layer in new:
+        if name in tied:
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        _set_submodule(model, name, layer)
+    if tied:
+        untie_config_(model)
+        warn_untied("apply_plora", tied)
     return model
+
+
+def check_untied(model: nn.Module, named: list[tuple[str, PLoRALinear]], fn: str) -> None:
+    """Refuse PLoRALinear layers whose weight another parameter of ``model`` shares (see the module docstring)."""
+    for name, others in tied_weights(model, named).items():
+        raise ValueError(f"{fn}: the weight of PLoRALinear {name!r} is shared with {others} (tied); an unload would "
+                         "change them too. apply_plora and from_peft untie such layers; give the layer its own "
+                         "weight (layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)) "
+                         "or stop targeting it")
 
 
 def unload_all_(model: nn.Module, generator=None) -> int:
     """Unload every PLoRALinear in ``model`` together (one host sync on the kernel path; an error changes no
     layer there); returns how many were unloaded. A shared ``generator`` is consumed in the fixed order
-    :func:`plora_kernels.ops.unload.unload_many_` documents."""
+    :func:`plora_kernels.ops.unload.unload_many_` documents. Refuses a layer whose weight is tied to another
+    parameter of the model (see the module docstring)."""
+    _check_model(model, "unload_all_")
     named = list(plora_layers(model))
+    check_untied(model, named, "unload_all_")
     unload_layers_([layer for _, layer in named], [generator] * len(named), [name for name, _ in named])
     return len(named)
 
 
 def merge_plora(model: nn.Module) -> nn.Module:
-    """Replace every PLoRALinear by a plain nn.Linear holding the merged weight (in place); returns the model."""
-    for name, layer in list(plora_layers(model)):
-        _set_submodule(model, name, layer.merged_linear())
+    """Replace every PLoRALinear by a plain nn.Linear holding the merged weight (in place); returns the model.
+
+    All or nothing: every merged layer is computed (and checked: a merge that would not be finite raises, naming
+    the layer) before the first one replaces its PLoRALinear. No random generator is consumed. Each merged layer
+    has its own weight: one tied to another parameter is untied, with a warning (see the module docstring).
+    """
+    _check_model(model, "merge_plora")
+    if isinstance(model, PLoRALinear):
+        raise TypeError("merge_plora: model is itself a PLoRALinear; merge_plora replaces the layers inside a model "
+                        "in place and cannot replace the model object. Use layer.merged_linear() for one layer")
+    named = list(plora_layers(model))
+    tied = tied_weights(model, named)
+    merged = [(name, layer.merged_linear(name)) for name, layer in named]
+    for name, linear in merged:
+        _set_submodule(model, name, linear)
+    if tied:
+        untie_config_(model)
+        warn_untied("merge_plora", tied)
     return model

@@ -1,7 +1,12 @@
-"""Argument checks shared by every op: errors name the argument and what was expected."""
+"""Argument checks shared by every op: errors name the argument and what was expected.
+
+Every check here runs before anything is written: an op that refuses its arguments leaves every tensor (and the
+random generators it was given) exactly as they were.
+"""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -17,12 +22,55 @@ def _tensor(name: str, t) -> torch.Tensor:
     return t
 
 
+def check_int(name: str, value, *, minimum: int | None = None, error=ValueError) -> int:
+    """An int (not a bool) >= ``minimum``; ``error`` is raised for a value of another type (ValueError where
+    earlier releases raised it, TypeError in new checks), ValueError for one out of range."""
+    what = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise error(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value, *, low: float | None = None, high: float | None = None,
+               high_open: bool = False, finite: bool = True) -> float:
+    """A real number (int or float, not a bool, not a tensor) in [low, high] (or [low, high) with ``high_open``);
+    TypeError for another type, ValueError for a value out of range or (with ``finite``) not finite."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if (low is not None and not value >= low) or (high is not None and not (value < high if high_open else value <= high)):
+        interval = f"[{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
 def check_scaling(scaling) -> float:
     if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
     return float(scaling)
+
+
+def check_momentum(momentum) -> float:
+    """m in [0, 1): TypeError for a non-number (a string, a tensor, a bool), ValueError out of range."""
+    if isinstance(momentum, (bool, torch.Tensor)) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float in [0, 1), got {momentum!r} ({type(momentum).__name__})")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    return float(momentum)
+
+
+def check_rounding(rounding, allow_none: bool = False) -> str | None:
+    if rounding is None and allow_none:
+        return None
+    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}{' or None' if allow_none else ''}, got {rounding!r}")
+    return rounding
 
 
 def check_factors(weight, lora_A, lora_B) -> tuple[int, int, int]:
@@ -62,20 +110,102 @@ def check_linear_args(x, weight, lora_A, lora_B, scaling, bias) -> float:
     return check_scaling(scaling)
 
 
+# ------------------------------------------------------------------------------ tensors written in place
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what an in-place op writes), else the tensor itself."""
+    from .sharded import is_dtensor
+
+    return t.to_local() if is_dtensor(t) else t
+
+
+def may_overlap_itself(t: torch.Tensor) -> bool:
+    """True unless ``t``'s strides prove that no two of its elements share memory (an expand()ed view has a
+    stride 0; an as_strided view can repeat elements). Sorted by stride, each stride must pass the farthest
+    element of the dims before it: the usual sufficient condition, exact for every layout torch makes itself."""
+    reach = 0
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s > 1), key=lambda d: d[1]):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, one past the last byte) that ``t`` can touch."""
+    size = t.element_size()
+    reach = sum(st * (s - 1) for s, st in zip(t.shape, t.stride()))
+    start = t.storage_offset() * size
+    return t.untyped_storage().data_ptr(), start, start + (reach + 1) * size
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` may touch a common byte of one storage."""
+    if not a.numel() or not b.numel():
+        return False
+    pa, sa, ea = _byte_range(a)
+    pb, sb, eb = _byte_range(b)
+    return pa == pb and sa < eb and sb < ea
+
+
+def check_writable(name: str, t: torch.Tensor) -> None:
+    """``t`` can be updated in place, once per element: not a meta tensor (no data), not an inference tensor
+    outside ``torch.inference_mode()`` (torch refuses in-place updates to them: refused here, before another
+    tensor of the same op is written), and no element sharing memory with another."""
+    t = _local(t)
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (it holds no data); materialise the model first, e.g. "
+                         "model.to_empty(device=...) and then load or initialise its weights")
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode()), which cannot be updated "
+                         "in place outside inference mode; clone it outside inference mode first, or unload inside "
+                         "torch.inference_mode()")
+    if t.numel() > 1 and may_overlap_itself(t):
+        raise ValueError(f"{name} has elements that share memory (shape {tuple(t.shape)}, stride {tuple(t.stride())}, "
+                         f"e.g. an expand()ed or as_strided view): an in-place unload would write them several times; "
+                         f"pass a tensor that owns its memory, e.g. {name}.clone()")
+
+
+def check_unload_tensors(weight, lora_A, lora_B) -> None:
+    """The tensors an unload writes: each writable (:func:`check_writable`), and no two of them overlapping (W is
+    written while A and B are read, then A and B are reset)."""
+    named = (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B))
+    for name, t in named:
+        check_writable(name, t)
+    local = [(name, _local(t)) for name, t in named]
+    for i, (n1, t1) in enumerate(local):
+        for n2, t2 in local[i + 1:]:
+            if shares_memory(t1, t2):
+                raise ValueError(f"{n1} and {n2} share memory; an unload writes both, so they must be separate "
+                                 f"tensors (e.g. pass {n2}.clone())")
+
+
 def check_unload_args(weight, lora_A, lora_B, scaling, momentum, rounding) -> tuple[float, float]:
     check_factors(weight, lora_A, lora_B)
     scaling = check_scaling(scaling)
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise TypeError(f"momentum must be a float in [0, 1), got {type(momentum).__name__}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    return scaling, float(momentum)
+    momentum = check_momentum(momentum)
+    check_rounding(rounding)
+    check_unload_tensors(weight, lora_A, lora_B)
+    return scaling, momentum
+
+
+def check_generator(generator, name: str = "generator") -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {generator!r} ({type(generator).__name__}); "
+                        "for a seed, pass torch.Generator(device).manual_seed(seed)")
 
 
 def check_generator_device(generator, weight) -> None:
-    """A generator, when given, must live on the weight's device type (it draws the rounding stream there)."""
+    """A generator, when given, must be a torch.Generator on the weight's device type (it draws the rounding
+    stream there)."""
+    check_generator(generator)
     if generator is not None and generator.device.type != weight.device.type:
         raise ValueError(f"generator is on {generator.device} but weight is on {weight.device}; pass a generator "
                          "on the weight's device")
+
+
+def check_seed(seed, name: str = "seed") -> int | None:
+    """None or an int (the random streams derive from it)."""
+    if seed is None:
+        return None
+    return check_int(name, seed, error=TypeError)

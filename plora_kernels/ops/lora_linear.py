@@ -81,6 +81,21 @@ def _backward(ctx, dy, _dxa):
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): never autocast there
+        return False
+
+
+def _autocast(t, dtype: torch.dtype):
+    """What autocast does to an argument of a lower-precision op such as F.linear: cast a floating tensor that is
+    not fp64 to ``dtype``; leave fp64, integer tensors and non-tensors alone."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None = None) -> Tensor:
     """Fused LoRA linear: ``x @ weight.T + bias + scaling * (x @ lora_A.T) @ lora_B.T``.
 
@@ -96,13 +111,14 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     formed; backward keeps x and the (M, r) product ``x @ lora_A.T``. CUDA tensors run the implementation
     measured fastest there (the cuBLAS composition or a Triton kernel), CPU tensors the pure-torch reference;
     ``plora_kernels.implementation(lora_linear=...)`` or ``PLORA_LINEAR_KERNEL`` choose (see ``plora info``). Under ``torch.autocast`` x, weight
-    and bias are cast to the autocast dtype, as for ``F.linear``.
+    and bias are cast to the autocast dtype, as for ``F.linear``: fp64 tensors are left in fp64 (autocast leaves
+    fp64 alone) and an integer x is refused.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        # custom ops are invisible to autocast; cast as it would for F.linear (adapters are cast in-kernel)
+    if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
+        # custom ops are invisible to autocast; cast as it would for F.linear (adapters are cast in-kernel): only
+        # fp16/bf16/fp32 tensors; fp64 and integer tensors stay as they are (and an integer x is refused below)
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
     scaling = check_linear_args(x, weight, lora_A, lora_B, scaling, bias)
     lead = x.shape[:-1]
     y, _ = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, scaling, bias)

@@ -143,16 +143,18 @@ def _first_bad(flags: list[tuple[list[int], torch.Tensor]]) -> int | None:
 
 
 def _tied_runs(merges: Sequence[Merge]) -> list[list[int]]:
-    """The merges in order, cut where a weight repeats: a layer whose weight an earlier one in its run merges into
-    (tied weights) must be checked against that merge's result, so it starts the next run."""
+    """The merges in order, cut where a weight's storage repeats: a layer whose weight an earlier one in its run
+    merges into (tied weights, or views of one storage) must be checked against that merge's result, so it
+    starts the next run."""
     runs, seen = [[]], set()
     for i, m in enumerate(merges):
-        ptr = m.weight.data_ptr()
-        if ptr in seen and m.weight.numel():
+        storage = m.weight.untyped_storage().data_ptr() if m.weight.numel() else None
+        if storage in seen:
             runs.append([])
             seen = set()
         runs[-1].append(i)
-        seen.add(ptr)
+        if storage is not None:
+            seen.add(storage)
     return [run for run in runs if run]
 
 

@@ -16,8 +16,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .checks import check_generator_device, check_unload_args
+from .checks import check_generator_device, check_seed, check_unload_args, shares_memory
 from .merge import Merge, draw_seeds, merge_many_, reset_adapters_
+from .sharded import _check_generator as _check_sharded_generator
 from .sharded import is_dtensor, unload_dtensor_
 
 
@@ -47,17 +48,22 @@ def unload_many_(specs: Sequence[UnloadSpec]) -> None:
     A generator shared by several layers is consumed in layer order: each layer's rounding seed, then its
     fresh-A seed. Per-layer generators give exactly what per-layer ``unload_`` calls give.
     """
+    if isinstance(specs, UnloadSpec) or not isinstance(specs, (list, tuple)):
+        raise TypeError(f"specs must be a list of UnloadSpec, got {type(specs).__name__}")
     plain, sharded = [], []
     for i, spec in enumerate(specs):
         if not isinstance(spec, UnloadSpec):
             raise TypeError(f"specs[{i}] must be an UnloadSpec, got {type(spec).__name__}")
-        if is_dtensor(spec.weight):  # unload_dtensor_ checks its own arguments
-            sharded.append(spec)
-            continue
+        check_seed(spec.seed)
         scaling, momentum = check_unload_args(spec.weight, spec.lora_A, spec.lora_B, spec.scaling, spec.momentum,
                                               spec.rounding)
+        if is_dtensor(spec.weight):  # unloaded by unload_dtensor_ below; its arguments are checked here, up front
+            _check_sharded_generator(spec.weight.to_local(), spec.rounding, momentum, spec.generator, spec.seed)
+            sharded.append(spec)
+            continue
         check_generator_device(spec.generator, spec.weight)
         plain.append(spec._replace(scaling=scaling, momentum=momentum))
+    _check_no_cross_overlap(plain)
     seeds = [draw_seeds(s.weight, s.rounding, s.momentum, s.generator, s.seed) for s in plain]
     merges = [Merge(s.weight, s.lora_A, s.lora_B, (1.0 - s.momentum) * s.scaling, s.rounding, rs)
               for s, (rs, _) in zip(plain, seeds)]
@@ -68,6 +74,26 @@ def unload_many_(specs: Sequence[UnloadSpec]) -> None:
     for s in sharded:
         unload_dtensor_(s.weight, s.lora_A, s.lora_B, s.scaling, momentum=s.momentum, rounding=s.rounding,
                         generator=s.generator, seed=s.seed)
+
+
+def _check_no_cross_overlap(specs: Sequence[UnloadSpec]) -> None:
+    """No layer's A or B may share memory with another layer's W: the merges write every W while reading every A
+    and B (layers sharing one W are fine: they are merged in turn). Linear in the number of layers."""
+    if len(specs) < 2:
+        return
+    weights: dict = {}
+    for i, s in enumerate(specs):
+        if s.weight.numel():
+            weights.setdefault(s.weight.untyped_storage().data_ptr(), []).append(i)
+    for j, t in enumerate(specs):
+        for name, f in (("lora_A", t.lora_A), ("lora_B", t.lora_B)):
+            if not f.numel():
+                continue
+            for i in weights.get(f.untyped_storage().data_ptr(), ()):
+                if i != j and shares_memory(specs[i].weight, f):
+                    what = [f"specs[{k}]" + (f" ({specs[k].label})" if specs[k].label else "") for k in (i, j)]
+                    raise ValueError(f"{what[1]}.{name} shares memory with {what[0]}.weight; an unload writes W "
+                                     "while it reads the factors, so they must be separate tensors")
 
 
 def unload_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from ..ops.checks import check_int, check_real
+
 
 def stage_lr_factor(step: int, total_steps: int, every: int, warmup: int = 0, restart_warmup: int = 0,
                     min_lr_ratio: float = 0.0) -> float:
@@ -23,11 +25,19 @@ def stage_lr_factor(step: int, total_steps: int, every: int, warmup: int = 0, re
 def stage_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, every: int, warmup: int = 0,
                           restart_warmup: int = 0, min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR: linear warmup, cosine decay to ``min_lr_ratio``, and ``restart_warmup`` steps of linear
-    re-warmup after every unload (every ``every`` steps). Step it once per optimizer step."""
-    for name, v in (("total_steps", total_steps), ("every", every)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    re-warmup after every unload (every ``every`` steps). Step it once per optimizer step.
+
+    ``total_steps`` and ``every`` are positive ints (``every > total_steps``: one stage, no re-warmup),
+    ``warmup`` an int in [0, total_steps], ``restart_warmup`` a non-negative int, ``min_lr_ratio`` in [0, 1].
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    total_steps = check_int("total_steps", total_steps, minimum=1)
+    every = check_int("every", every, minimum=1)
+    warmup = check_int("warmup", warmup, minimum=0)
+    if warmup > total_steps:
+        raise ValueError(f"warmup must be at most total_steps={total_steps}, got {warmup}")
+    restart_warmup = check_int("restart_warmup", restart_warmup, minimum=0)
+    min_lr_ratio = check_real("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: stage_lr_factor(s, total_steps, every, warmup, restart_warmup, min_lr_ratio))

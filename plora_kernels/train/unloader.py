@@ -4,9 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collections.abc import Mapping
+
 from ..nn.linear import unload_layers_
-from ..nn.patching import plora_layers
+from ..nn.patching import check_untied, plora_layers
 from ..ops import streams
+from ..ops.checks import check_int
 
 OPTIMIZER_RESETS = ("zero", "scale", "keep")
 
@@ -45,18 +48,22 @@ class PeriodicUnloader:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, every: int, *,
                  optimizer_reset: str | None = None, seed: int = 0):
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module holding PLoRALinear layers, got {type(model).__name__}")
+        check_optimizer(optimizer)
+        check_int("every", every, minimum=1)
+        seed = check_int("seed", seed, error=TypeError)
+        if optimizer_reset is not None and optimizer_reset not in OPTIMIZER_RESETS:
+            raise ValueError(f"optimizer_reset must be one of {OPTIMIZER_RESETS} or None, got {optimizer_reset!r}")
         named = list(plora_layers(model))
         self.layers = [layer for _, layer in named]
         self.names = [name for name, _ in named]
         if not self.layers:
             raise ValueError("model has no PLoRALinear layers; call plora_kernels.apply_plora(model) first")
+        check_untied(model, named, "PeriodicUnloader")
         if optimizer_reset is None:
             optimizer_reset = "zero" if all(layer.momentum == 0 for layer in self.layers) else "scale"
-        if optimizer_reset not in OPTIMIZER_RESETS:
-            raise ValueError(f"optimizer_reset must be one of {OPTIMIZER_RESETS} or None, got {optimizer_reset!r}")
-        self.optimizer, self.every, self.optimizer_reset, self.seed = optimizer, every, optimizer_reset, int(seed)
+        self.optimizer, self.every, self.optimizer_reset, self.seed = optimizer, every, optimizer_reset, seed
         self.step_count = 0
         self.num_unloads = 0
 
@@ -94,11 +101,62 @@ class PeriodicUnloader:
             torch._foreach_zero_(zero)  # one multi-tensor launch per device and dtype, not a few per layer
 
     def state_dict(self) -> dict:
+        """The stage position and the unload settings, plus the layers (their number and names) it drives, which
+        :meth:`load_state_dict` checks: the per-layer random streams derive from each layer's index."""
         return {"every": self.every, "step_count": self.step_count, "num_unloads": self.num_unloads,
-                "seed": self.seed, "optimizer_reset": self.optimizer_reset}
+                "seed": self.seed, "optimizer_reset": self.optimizer_reset, "num_layers": len(self.layers),
+                "layer_names": list(self.names)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["every"] != self.every:
-            raise ValueError(f"checkpoint has every={state['every']} but this unloader has every={self.every}")
-        self.step_count, self.num_unloads = int(state["step_count"]), int(state["num_unloads"])
-        self.seed, self.optimizer_reset = int(state["seed"]), state["optimizer_reset"]
+        """Restore :meth:`state_dict`'s output. Every entry is checked before any is applied (ValueError or
+        TypeError naming the key; the unloader is unchanged on an error). ``num_layers`` and ``layer_names`` are
+        optional (older checkpoints lack them); when present they must match this unloader's layers, compared
+        without the names' DDP / torch.compile / FSDP wrapper prefixes."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict (PeriodicUnloader.state_dict()), got {type(state).__name__}")
+        missing = [k for k in ("every", "step_count", "num_unloads", "seed", "optimizer_reset") if k not in state]
+        if missing:
+            raise ValueError(f"state is missing the keys {missing}; expected the dict PeriodicUnloader.state_dict() "
+                             f"returns, got keys {sorted(state)}")
+        every = check_int("state['every']", state["every"], minimum=1)
+        if every != self.every:
+            raise ValueError(f"checkpoint has every={every} but this unloader has every={self.every}")
+        step_count = check_int("state['step_count']", state["step_count"], minimum=0)
+        num_unloads = check_int("state['num_unloads']", state["num_unloads"], minimum=0)
+        seed = check_int("state['seed']", state["seed"], error=TypeError)
+        reset = state["optimizer_reset"]
+        if reset not in OPTIMIZER_RESETS:
+            raise ValueError(f"state['optimizer_reset'] must be one of {OPTIMIZER_RESETS}, got {reset!r}")
+        if state.get("num_layers") is not None:
+            n = check_int("state['num_layers']", state["num_layers"], minimum=0)
+            if n != len(self.layers):
+                raise ValueError(f"state['num_layers'] is {n} but this unloader drives {len(self.layers)} PLoRALinear "
+                                 "layers: the checkpoint is from another model (or another apply_plora targeting)")
+        if state.get("layer_names") is not None:
+            names = state["layer_names"]
+            if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
+                raise TypeError(f"state['layer_names'] must be a list of str, got {type(names).__name__}")
+            ours = [_plain_name(x) for x in self.names]
+            theirs = [_plain_name(x) for x in names]
+            if theirs != ours:
+                diff = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+                raise ValueError(f"state['layer_names'] does not match this unloader's layers (first difference at "
+                                 f"index {diff}: {theirs[diff:diff + 1]} vs {ours[diff:diff + 1]}; {len(theirs)} vs "
+                                 f"{len(ours)} layers): the checkpoint is from another model")
+        self.step_count, self.num_unloads, self.seed, self.optimizer_reset = step_count, num_unloads, seed, reset
+
+
+# module-name components that wrappers (DDP, DataParallel, torch.compile, FSDP1, activation checkpointing) insert
+_WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+
+
+def _plain_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def check_optimizer(optimizer) -> None:
+    """None, a torch optimizer, or an optimizer-like object with a ``state`` mapping (what the reset touches)."""
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return
+    if not isinstance(getattr(optimizer, "state", None), Mapping):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None), got {type(optimizer).__name__}")

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..._backend import interpreting
-from . import lora_matmul, lora_matmul_tma, unload
+from . import lora_matmul, lora_matmul_tma, lora_matmul_ws, unload
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 INIT_TILE = (16, 256, 4)  # (BLOCK_R, BLOCK_N, warps) of init_lora_A_group_
@@ -134,6 +134,55 @@ def compile_lora_matmul_tma(*, x="bf16", adapters="fp32", lora=True, bias=False,
     return _compile(lora_matmul_tma._lora_matmul_tma_kernel.fn, types, ce, unit=("stride_sr", "stride_lr"),
                     divisible=("s_ptr", "l_ptr", "M", "N", "K", "stride_sm", "stride_ln"),
                     arch=arch, num_warps=num_warps, num_stages=num_stages)
+
+
+def compile_lora_matmul_ws(*, x="bf16", lora=True, bias=False, b_nk=True, l_nk=True, num_programs=132, arch=90):
+    """The warp-specialised fused GEMM as ``lora_matmul_ws`` launches it on a GPU: its config for x's dtype,
+    num_warps 4, warp specialisation on. Forward: b_nk (B = W^T, read as W's tiles) and l_nk (L = lora_B^T);
+    dx: neither (B = W and L = lora_A, both row-major). S and L come in x's dtype (the launch casts them). M, N,
+    K, r and the row strides are multiples of 16 (transformer widths, r = 16), as the launch specialises them."""
+    bm, bn, bk, br, gm, split, stages = lora_matmul_ws.GPU_CONFIG_FP32 if x == "fp32" else lora_matmul_ws.GPU_CONFIG
+    types = dict(a_ptr="*" + x, b_ptr="*" + x, c_ptr="*" + x, s_ptr="*" + x, l_ptr="*" + x, bias_ptr="*" + x,
+                 M="i32", N="i32", K="i32", R="i32", stride_am="i32", stride_b="i32", stride_cm="i32",
+                 stride_sm="i32", stride_l="i32", scaling="fp32")
+    ce = dict(HAS_LORA=lora, HAS_BIAS=bias, B_NK=b_nk, L_NK=l_nk, UPCAST=False, PRECISION="tf32",
+              WARP_SPECIALIZE=True, NUM_PROGRAMS=num_programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
+              GROUP_M=gm, EPILOGUE_SPLIT=split)
+    return _compile(lora_matmul_ws._lora_matmul_ws_kernel, types, ce, unit=(),
+                    divisible=("a_ptr", "b_ptr", "c_ptr", "s_ptr", "l_ptr", "bias_ptr", "M", "N", "K", "R",
+                               "stride_am", "stride_b", "stride_cm", "stride_sm", "stride_l"),
+                    arch=arch, num_warps=4, num_stages=stages)
+
+
+_SETMAXNREG = re.compile(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+);")
+
+
+def lora_matmul_ws_resources(**kw) -> dict:
+    """:func:`resources` of :func:`compile_lora_matmul_ws` plus what shows the warp specialisation took place:
+    ``warp_specialized`` (a ``ttg.warp_specialize`` op in the TTGIR), ``warpgroups`` (the launch's warps / 4:
+    the producer and the consumers), the ``setmaxnreg_inc``/``setmaxnreg_dec`` register counts in the PTX (the
+    consumers' raise, the producer's drop), ``tma_stores`` (UTMASTG) and ``wgmma_waits`` (WARPGROUP.DEPBAR: a
+    wait for all wgmma in flight, once per K step in Triton 3.9's Hopper specialisation)."""
+    kernel = compile_lora_matmul_ws(**kw)
+    out = resources(kernel)
+    hits = _SETMAXNREG.findall(kernel.asm["ptx"])
+    out.update({
+        "warp_specialized": "ttg.warp_specialize(" in kernel.asm["ttgir"],
+        "warpgroups": kernel.metadata.num_warps // 4,
+        "setmaxnreg_inc": sorted({int(n) for kind, n in hits if kind == "inc"}),
+        "setmaxnreg_dec": sorted({int(n) for kind, n in hits if kind == "dec"}),
+    })
+    tool = _cuobjdump()
+    if tool is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.cubin")
+            with open(path, "wb") as fh:
+                fh.write(kernel.asm["cubin"])
+            sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+        ops = [op for _, op, _ in parse_sass(sass)]
+        out["tma_stores"] = sum(1 for op in ops if re.match(r"UTMASTG\b", op))
+        out["wgmma_waits"] = sum(1 for op in ops if re.match(r"WARPGROUP\.DEPBAR\b", op))
+    return out
 
 
 def _cuobjdump() -> str | None:
