@@ -101,7 +101,7 @@ def test_stochastic_rounding_is_reproducible(backend):
 
 
 def test_many_tiny_merges_nearest_loses_them_stochastic_tracks_fp32(backend):
-    """DESIGN §1: per-stage updates below half a bf16 ulp vanish under nearest, forever."""
+    """design §1: per-stage updates below half a bf16 ulp vanish under nearest, forever."""
     W0 = (1.0 + torch.rand(32, 64, device=DEVICE)).to(torch.bfloat16)  # |W| in [1, 2): ulp 2**-7
     A = torch.full((1, 64), 1.0, device=DEVICE)
     B = torch.full((32, 1), 2.0**-10, device=DEVICE)  # each merge adds 2**-10 = 1/8 ulp
