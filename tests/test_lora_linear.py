@@ -149,10 +149,11 @@ def test_opcheck_and_compile_without_graph_breaks(backend):
     A = torch.randn(4, 32, device=DEVICE, requires_grad=True)
     B = torch.randn(16, 4, device=DEVICE, requires_grad=True)
     b = torch.randn(16, device=DEVICE)
-    torch.library.opcheck(lora_linear_fwd, (x, W, A, B, 0.5, b))
+    impl = "triton" if backend == "triton" else "torch"
+    torch.library.opcheck(lora_linear_fwd, (x, W, A, B, 0.5, b, impl))
     xa = x.detach() @ A.detach().T
     torch.library.opcheck(lora_linear_bwd, (torch.randn(6, 16, device=DEVICE), x.detach(), xa, W, A.detach(),
-                                            B.detach(), 0.5, True))
+                                            B.detach(), 0.5, True, impl))
     layer = PLoRALinear(32, 16, r=4, device=DEVICE)
     with torch.no_grad():
         layer.lora_B.normal_()
@@ -199,3 +200,26 @@ def test_linear_kernel_choice(monkeypatch):
     monkeypatch.setenv("PLORA_LINEAR_KERNEL", "cublas")
     with pytest.raises(ValueError, match="PLORA_LINEAR_KERNEL"):
         lora_linear(x, W, A, B, 0.5)
+
+
+def test_the_backward_runs_what_the_forward_chose(monkeypatch):
+    """The implementation is resolved once, on the caller's thread, and travels with the graph: on CUDA the
+    backward runs on autograd's device thread, which does not see a choice made in code around the forward."""
+    from conftest import _triton_runnable
+
+    import plora_kernels as pk
+    from plora_kernels.ops.triton import lora_matmul as lm
+
+    if not _triton_runnable():
+        pytest.skip("Triton is not runnable here")
+    calls = []
+    original = lm.lora_matmul
+    monkeypatch.setattr(lm, "lora_matmul", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
+    W, A, B = (torch.randn(*s, device=DEVICE) for s in ((8, 16), (2, 16), (8, 2)))
+    A.requires_grad_()
+    with pk.implementation(lora_linear="triton"):
+        y = pk.lora_linear(x, W, A, B, 0.5)
+    assert len(calls) == 2  # x A^T and the fused GEMM
+    y.sum().backward()  # outside the block: still the forward's choice
+    assert len(calls) == 4  # dy B and the fused dx GEMM

@@ -137,17 +137,18 @@ def test_empty_m(fallbacks):
 
 def _unsupported_cases():
     def make(M, K, N, dtype=torch.float32, **kw):
-        return dict(a=torch.randn(M, K, device=DEVICE).to(dtype), b=torch.randn(N, K, device=DEVICE).to(dtype).t(),
-                    **kw)
+        return {"a": torch.randn(M, K, device=DEVICE).to(dtype), "b": torch.randn(N, K, device=DEVICE).to(dtype).t(),
+                **kw}
 
     wide = torch.randn(20, 2 * 96, device=DEVICE)
     return {
         "unaligned rows": make(9, 129, 77),  # 129 fp32 = 516-byte rows of a and W: no descriptor
-        "strided a": dict(a=wide[:, ::2], b=torch.randn(72, 96, device=DEVICE).t()),
+        "strided a": {"a": wide[:, ::2], "b": torch.randn(72, 96, device=DEVICE).t()},
+        "unaligned C rows": make(40, 64, 130),  # a allocated C of 130 fp32 = 520-byte rows: no descriptor
         "narrow N": make(40, 64, 48),  # N = r sized products belong to the portable kernel
         "short K": make(40, 32, 72),
         "out of another dtype": make(40, 64, 72, out=torch.empty(40, 72, dtype=torch.float64, device=DEVICE)),
-        "fp32 row-major B": dict(a=torch.randn(40, 64, device=DEVICE), b=torch.randn(64, 72, device=DEVICE)),
+        "fp32 row-major B": {"a": torch.randn(40, 64, device=DEVICE), "b": torch.randn(64, 72, device=DEVICE)},
     }
 
 
@@ -164,3 +165,39 @@ def test_unsupported_shapes_fall_back(fallbacks, case):
     got = ws.lora_matmul_ws(a, b, lora_s=s, lora_l=l, scaling=0.7, out=out)
     assert len(fallbacks) == 1
     assert rel_err(got, _truth(a, b, s, l, 0.7)) < _tol(a.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lora_linear_on_triton_ws(fallbacks, monkeypatch, dtype):
+    """Through lora_linear with PLORA_LINEAR_KERNEL=triton-ws: the forward's y and the backward's dx each take the
+    kernel once (xa and g, N = r, stay on the portable kernel), and every output matches float64. Skipped until
+    the resolver knows the implementation."""
+    from plora_kernels import lora_linear
+    from plora_kernels._backend import IMPLEMENTATIONS
+
+    if "triton-ws" not in IMPLEMENTATIONS["lora_linear"]:
+        pytest.skip("triton-ws is not wired into the resolver yet")
+    monkeypatch.setenv("PLORA_LINEAR_KERNEL", "triton-ws")
+    calls = []
+    launch = ws.lora_matmul_ws
+
+    def counted(a, b, **kwargs):
+        calls.append(tuple(b.shape))
+        return launch(a, b, **kwargs)
+
+    monkeypatch.setattr(ws, "lora_matmul_ws", counted)
+    n_in, n_out, r, s = 128, 96, 16, 1.3
+    x = torch.randn(2, 35, n_in, device=DEVICE).to(dtype).requires_grad_()
+    W = (torch.randn(n_out, n_in, device=DEVICE) / n_in**0.5).to(dtype)
+    A = (torch.randn(r, n_in, device=DEVICE) / n_in**0.5).requires_grad_()
+    B = (torch.randn(n_out, r, device=DEVICE) / r**0.5).requires_grad_()
+    bias = torch.randn(n_out, device=DEVICE).to(dtype)
+    y = lora_linear(x, W, A, B, s, bias)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, W64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, W, A, B))
+    y64 = x64 @ W64.T + s * (x64 @ A64.T) @ B64.T + bias.double()
+    y64.backward(dy.double())
+    for got, want in ((y, y64), (x.grad, x64.grad), (A.grad, A64.grad), (B.grad, B64.grad)):
+        assert rel_err(got, want) < _tol(dtype)
+    assert calls == [(n_in, n_out), (n_out, n_in)] and not fallbacks

@@ -113,26 +113,33 @@ class PLoRACallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------------------------------ driver
     def _build(self, model, optimizer) -> PeriodicUnloader:
+        """The unloader for ``model``; the layers' momentum is set by :meth:`_apply_momentum` once nothing else can
+        fail (an error leaves the model as it was)."""
         if model is None:
             raise ValueError("PLoRACallback needs the Trainer's model (the callback kwarg 'model' was None)")
         model = unwrap_model(model)
+        reset = self.optimizer_reset
+        if reset is None and self.momentum is not None:  # PeriodicUnloader's default once every layer has it
+            reset = "zero" if self.momentum == 0 else "scale"
+        return PeriodicUnloader(model, unwrap_optimizer(optimizer), self.every, optimizer_reset=reset, seed=self.seed)
+
+    def _apply_momentum(self, unloader: PeriodicUnloader) -> None:
         if self.momentum is not None:
-            # before the unloader exists: its default optimizer_reset depends on the layers' momentum
-            for _, layer in plora_layers(model):
+            for layer in unloader.layers:
                 layer.momentum = float(self.momentum)
-        return PeriodicUnloader(model, unwrap_optimizer(optimizer), self.every,
-                                optimizer_reset=self.optimizer_reset, seed=self.seed)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         # rebuilt on every train() call: the Trainer may have made a new optimizer (or been given a new model)
-        self.unloader = self._build(model, optimizer)
-        self.last_delta_norm, self._pending_sq_norm = None, None
-        if state.global_step > 0:  # the Trainer restored its state from a checkpoint
-            self._restore(args, state)
+        unloader = self._build(model, optimizer)
+        last = self._restore(unloader, args, state) if state.global_step > 0 else None  # resumed from a checkpoint
+        self._apply_momentum(unloader)
+        self.unloader, self.last_delta_norm, self._pending_sq_norm = unloader, last, None
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.unloader is None:
-            self.unloader = self._build(model, optimizer)
+            unloader = self._build(model, optimizer)
+            self._apply_momentum(unloader)
+            self.unloader = unloader
         u = self.unloader
         if (u.step_count + 1) % u.every == 0:  # u.step() below ends the stage and unloads
             # the unload resets the factors: measure what it merges first, on the layers it unloads
@@ -181,21 +188,25 @@ class PLoRACallback(TrainerCallback, ExportableState):
         with open(os.path.join(folder, STATE_FILE), "w") as f:
             json.dump(self._saved_state(), f, indent=1)
 
-    def _restore(self, args, state) -> None:
+    def _restore(self, unloader: PeriodicUnloader, args, state) -> float | None:
+        """Load the checkpoint's PLoRA state into ``unloader`` (checked first: an error changes nothing); returns
+        the saved ``last_delta_norm``."""
         saved = self._find_saved_state(args, state)
         if saved is None:
             # a checkpoint written without this callback: the stage position follows from the step count alone
             # if ``every`` never changed, which is the best available guess
             warnings.warn(f"PLoRACallback: resuming at step {state.global_step} but the checkpoint has no PLoRA "
-                          f"state; assuming every={self.every} held throughout", stacklevel=2)
+                          f"state; assuming every={self.every} held throughout", stacklevel=3)
             saved = {"every": self.every, "step_count": state.global_step,
-                     "num_unloads": state.global_step // self.every, "seed": self.unloader.seed,
-                     "optimizer_reset": self.unloader.optimizer_reset}
-        self.unloader.load_state_dict(saved)
-        self.last_delta_norm = saved.get("last_delta_norm")
-        if self.unloader.step_count != state.global_step:
-            raise ValueError(f"PLoRA state in the checkpoint is at step {self.unloader.step_count} but the Trainer "
+                     "num_unloads": state.global_step // self.every, "seed": unloader.seed,
+                     "optimizer_reset": unloader.optimizer_reset}
+        if not isinstance(saved, dict):
+            raise ValueError(f"PLoRA state in the checkpoint must be a dict, got {type(saved).__name__}")
+        if "step_count" in saved and saved["step_count"] != state.global_step:
+            raise ValueError(f"PLoRA state in the checkpoint is at step {saved['step_count']} but the Trainer "
                              f"resumes at step {state.global_step}; the checkpoint is inconsistent")
+        unloader.load_state_dict(saved)
+        return saved.get("last_delta_norm")
 
     def _find_saved_state(self, args, state) -> dict | None:
         record = (state.stateful_callbacks or {}).get(type(self).__name__)

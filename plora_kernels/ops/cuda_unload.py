@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
+from .formats import CSRC_ABI_VERSION, CSRC_DTYPE_CODES, ROUNDING_CODES
+
 # the repository's csrc/ (a checkout or an editable install), else the copy setup.py ships in the package
 _HERE = Path(__file__).resolve()
 SOURCE = next((p for p in (_HERE.parents[2] / "csrc" / "plora_unload.cu", _HERE.parents[1] / "_csrc" / "plora_unload.cu")
                if p.is_file()), _HERE.parents[2] / "csrc" / "plora_unload.cu")
 LIB_NAME = "libplora_unload.so"
-ABI_VERSION = 4
+ABI_VERSION = CSRC_ABI_VERSION
 ARCHS = ("80", "90")
 FLAGS = (
     "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17",
@@ -43,9 +45,8 @@ FLAGS = (
     "-gencode", f"arch=compute_{ARCHS[-1]},code=compute_{ARCHS[-1]}",  # PTX for newer GPUs
 )
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ROUND_NONE, ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1, 2  # as in the Triton module
-_ROUNDING = {"nearest": ROUND_NEAREST, "stochastic": ROUND_STOCHASTIC}
+_DTYPE_CODE = CSRC_DTYPE_CODES
+_ROUNDING = ROUNDING_CODES
 _lock = threading.Lock()
 
 

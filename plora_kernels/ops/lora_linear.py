@@ -1,8 +1,9 @@
 """lora_linear: y = x W^T + bias + s (x A^T) B^T, differentiable, as torch.library custom ops.
 
 Two ops carry the work, so torch.compile sees them as single nodes (no graph breaks):
-``plora::lora_linear_fwd`` returns (y, xa) and ``plora::lora_linear_bwd`` returns (dx, dA, dB). Each picks
-its implementation per call from the resolver (:mod:`plora_kernels._backend`). Backward saves only x and the M x r ``xa``.
+``plora::lora_linear_fwd`` returns (y, xa) and ``plora::lora_linear_bwd`` returns (dx, dA, dB). The public
+``lora_linear`` asks the resolver (:mod:`plora_kernels._backend`) once per call, on the caller's thread, and
+passes the answer to both. Backward saves only x and the M x r ``xa``.
 """
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ from .checks import check_linear_args
 
 @torch.library.custom_op("plora::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(
-    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor]
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor], impl: str
 ) -> tuple[Tensor, Tensor]:
-    impl = resolve("lora_linear", x, size=x.shape[0])
     if impl != "torch":
         from .triton.lora_matmul import lora_matmul
 
@@ -31,16 +31,15 @@ def lora_linear_fwd(
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, lora_A, lora_B, scaling, bias):
+def _(x, weight, lora_A, lora_B, scaling, bias, impl):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
 @torch.library.custom_op("plora::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(
     dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
-    compute_dx: bool,
+    compute_dx: bool, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    impl = resolve("lora_linear", dy, size=dy.shape[0])
     if impl != "torch":
         from .triton.lora_matmul import lora_matmul
 
@@ -56,26 +55,27 @@ def lora_linear_bwd(
 
 
 @lora_linear_bwd.register_fake
-def _(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx):
+def _(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx, impl):
     dx = dy.new_empty(dy.shape[0], weight.shape[1]) if compute_dx else dy.new_empty(0)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, scaling, bias = inputs
+    x, weight, lora_A, lora_B, scaling, bias, impl = inputs
     _, xa = output
     ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
-    ctx.scaling = scaling
+    ctx.scaling, ctx.impl = scaling, impl
     ctx.mark_non_differentiable(xa)
 
 
 def _backward(ctx, dy, _dxa):
     x, xa, weight, lora_A, lora_B = ctx.saved_tensors
-    need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad
-    dx, grad_A, grad_B = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, ctx.scaling, need_x)
+    need_x, need_w, need_a, need_b, _, need_bias, _ = ctx.needs_input_grad
+    # the forward's choice: the backward may run on autograd's device thread, which sees no choice made in code
+    dx, grad_A, grad_B = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, ctx.scaling, need_x, ctx.impl)
     grad_W = (dy.t() @ x).to(weight.dtype) if need_w else None  # only when W is unfrozen
     grad_bias = dy.sum(0) if need_bias else None
-    return (dx if need_x else None), grad_W, grad_A, grad_B, None, grad_bias
+    return (dx if need_x else None), grad_W, grad_A, grad_B, None, grad_bias, None
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -94,6 +94,19 @@ def _autocast(t, dtype: torch.dtype):
     if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
         return t.to(dtype)
     return t
+
+
+def _implementation(x2: Tensor) -> str:
+    """The resolver's answer for x2 (M x in). Under torch.compile it is asked once, when the graph is traced,
+    and becomes a constant of the graph (a context variable cannot be traced)."""
+    if torch.compiler.is_compiling():
+        return _implementation_when_traced(str(x2.device), x2.dtype)
+    return resolve("lora_linear", x2, size=x2.shape[0])
+
+
+@torch.compiler.assume_constant_result
+def _implementation_when_traced(device: str, dtype: torch.dtype) -> str:
+    return resolve("lora_linear", torch.empty(0, device=device), dtype=dtype)
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None = None) -> Tensor:
@@ -121,5 +134,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
     scaling = check_linear_args(x, weight, lora_A, lora_B, scaling, bias)
     lead = x.shape[:-1]
-    y, _ = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, scaling, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    # resolved here, on the caller's thread, once for the forward and its backward
+    y, _ = lora_linear_fwd(x2, weight, lora_A, lora_B, scaling, bias, _implementation(x2))
     return y.reshape(*lead, weight.shape[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import streams
+from .formats import FP16_MIN_BIASED_EXP
 
 
 
@@ -84,10 +85,6 @@ def round_stochastic(v: torch.Tensor, bits16: torch.Tensor, dtype: torch.dtype) 
     out = ((fixed + carry) >> 16).to(torch.float32) * down
     out = torch.where(e == 255, v.abs(), out)  # inf and NaN as they are
     return torch.where(sign != 0, -out, out).to(dtype)
-
-
-# fp16's smallest normal exponent, -14, biased as in fp32: below it fp16's grid step stays 2**-24
-FP16_MIN_BIASED_EXP = 127 - 14
 
 
 def round_to(v: torch.Tensor, dtype: torch.dtype, rounding: str, seed: int = 0, row_offset: int = 0) -> torch.Tensor:

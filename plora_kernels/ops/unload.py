@@ -64,11 +64,21 @@ def unload_many_(specs: Sequence[UnloadSpec]) -> None:
         check_generator_device(spec.generator, spec.weight)
         plain.append(spec._replace(scaling=scaling, momentum=momentum))
     _check_no_cross_overlap(plain)
-    seeds = [draw_seeds(s.weight, s.rounding, s.momentum, s.generator, s.seed) for s in plain]
-    merges = [Merge(s.weight, s.lora_A, s.lora_B, (1.0 - s.momentum) * s.scaling, s.rounding, rs)
-              for s, (rs, _) in zip(plain, seeds)]
+    # the generators the seeds are drawn from, restored if the merge refuses: an error consumes no random numbers
+    generators = {id(g): g for g in (s.generator if s.generator is not None else torch.default_generator
+                                     for s in plain if s.seed is None)}
+    saved = [(g, g.get_state()) for g in generators.values()]
+    try:
+        seeds = [draw_seeds(s.weight, s.rounding, s.momentum, s.generator, s.seed) for s in plain]
+        merges = [Merge(s.weight, s.lora_A, s.lora_B, (1.0 - s.momentum) * s.scaling, s.rounding, rs)
+                  for s, (rs, _) in zip(plain, seeds)]
+        with torch.no_grad():
+            merge_many_(merges, [s.label for s in plain])
+    except Exception:
+        for g, state in saved:
+            g.set_state(state)
+        raise
     with torch.no_grad():
-        merge_many_(merges, [s.label for s in plain])
         reset_adapters_([s.lora_A for s in plain], [s.lora_B for s in plain], [s.momentum for s in plain],
                         [init for _, init in seeds])
     for s in sharded:

@@ -68,11 +68,13 @@ class PeriodicUnloader:
         self.num_unloads = 0
 
     def step(self) -> bool:
-        """Count one optimizer step; unload when a stage ends. Returns True if it unloaded."""
-        self.step_count += 1
-        if self.step_count % self.every:
+        """Count one optimizer step; unload when a stage ends. Returns True if it unloaded. If the unload raises
+        (e.g. a merge that would not be finite), nothing changes, the step count included."""
+        if (self.step_count + 1) % self.every:
+            self.step_count += 1
             return False
         self.unload()
+        self.step_count += 1
         return True
 
     @torch.no_grad()

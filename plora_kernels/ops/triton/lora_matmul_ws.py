@@ -33,7 +33,7 @@ from ..._backend import interpreting
 from .lora_matmul import grouped_tile, lora_matmul
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SPLIT, num_stages); num_warps is 4 (see above).
-# fp16/bf16: 213 KiB of shared memory (three 48 KiB A/B stages, 12 KiB of S/L stages, a 32 KiB C half).
+# fp16/bf16: 213 KiB of shared memory (3 stages of A/B, 48 KiB each, and of S/L, 12 KiB each; a 32 KiB C half)
 GPU_CONFIG = (128, 256, 64, 16, 8, 2, 3)
 # fp32 (TF32 wgmma): twice the bytes per element; 177 KiB (4 stages would take 225 KiB, too close to 227)
 GPU_CONFIG_FP32 = (128, 128, 32, 16, 8, 2, 3)
@@ -137,6 +137,11 @@ def _lora_matmul_ws_kernel(
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
 def _tma_ready(t: torch.Tensor) -> bool:
     """A 2-D tensor a descriptor can address: unit last stride, 16-byte aligned rows and base."""
     return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
@@ -144,20 +149,26 @@ def _tma_ready(t: torch.Tensor) -> bool:
 
 
 def supported(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> bool:
-    """Whether ``a @ b`` (with any low-rank term and bias) can take this kernel: a row-major; b row-major or the
-    transpose of a row-major tensor (W^T); out, if given, row-major and of a's dtype; 16-byte aligned rows and
-    bases; fp16/bf16, or fp32 with b = W^T and, on a GPU, TF32 allowed (an IEEE fp32 dot has no wgmma to
-    specialise; the interpreter runs it); and a product big enough for 128x256 tiles to pay (N >= 64, K >= 64: the N = r products belong to the portable
-    kernel). Anything else runs :func:`lora_matmul.lora_matmul`."""
+    """Whether ``a @ b`` (with any low-rank term and bias) can take this kernel: on a GPU, a Hopper one (sm_90:
+    device-side TMA needs it, and the configs and the warp specialisation were read for it; Blackwell compiles
+    through another pass and is untested); a row-major; b row-major or the transpose of a row-major tensor (W^T);
+    out row-major and of a's dtype; 16-byte aligned rows and bases (of the C allocated here too, when out is
+    None); fp16/bf16, or fp32 with b = W^T and, on a GPU, TF32 allowed (an IEEE fp32 dot has no wgmma to
+    specialise; the interpreter runs it); and a product big enough for 128x256 tiles to pay (N >= 64, K >= 64:
+    the N = r products belong to the portable kernel). Anything else runs :func:`lora_matmul.lora_matmul`."""
     if a.dtype not in _DTYPES or b.dtype != a.dtype or a.dim() != 2 or b.dim() != 2:
+        return False
+    if a.is_cuda and not _hopper(a.device.index if a.device.index is not None else torch.cuda.current_device()):
         return False
     if out is not None and (out.dtype != a.dtype or not _tma_ready(out)):
         return False
-    if a.dtype == torch.float32:
-        # TF32 wgmma reads both operands K-major from shared memory: B must be W^T (a row-major B fails to
-        # compile); an IEEE fp32 dot (TF32 not allowed) has no wgmma at all
-        if not _tma_ready(b.t()) or (a.is_cuda and not torch.backends.cuda.matmul.allow_tf32):
-            return False
+    if out is None and (b.shape[1] * a.element_size()) % 16:  # the C we would allocate has unaligned rows
+        return False
+    # fp32: TF32 wgmma reads both operands K-major from shared memory, so B must be W^T (a row-major B fails to
+    # compile); an IEEE fp32 dot (TF32 not allowed) has no wgmma at all
+    no_tf32 = a.is_cuda and not torch.backends.cuda.matmul.allow_tf32
+    if a.dtype == torch.float32 and (not _tma_ready(b.t()) or no_tf32):
+        return False
     return (_tma_ready(a) and (_tma_ready(b) or _tma_ready(b.t())) and a.shape[0] > 0 and b.shape[1] >= 64
             and a.shape[1] >= 64)
 
@@ -187,14 +198,15 @@ def low_rank_operands(a: torch.Tensor, lora_s: torch.Tensor, lora_l: torch.Tenso
     return s, _aligned_copy(l.t()), True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _scratch(size: int, alignment: int, stream):
     """Global memory for the device-side descriptors (128 bytes each per program), from torch's caching
-    allocator on the launch's (current) stream, so it lives until the kernel has run."""
+    allocator on the launch's (current) stream, so it lives until the kernel has run; its blocks are 512-byte
+    aligned, more than the descriptors' 128."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from ..._backend import interpreting
 from .. import streams
+from ..formats import FP16_MIN_BIASED_EXP, max_finite, rounding_mode
 
-ROUND_NONE, ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1, 2
 
 
 # ------------------------------------------------------------------------------------------------ jit helpers
@@ -73,7 +73,7 @@ def _to_nearest(v, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _to_stochastic(v, bits16, DTYPE: tl.constexpr):
+def _to_stochastic(v, bits16, DTYPE: tl.constexpr, FP16_EMIN: tl.constexpr):
     """v rounded into fp16/bf16 with 16 random bits per element: ops.reference.round_stochastic, bit for bit."""
     raw = v.to(tl.uint32, bitcast=True)
     sign = raw & 0x80000000
@@ -84,7 +84,7 @@ def _to_stochastic(v, bits16, DTYPE: tl.constexpr):
         out = tl.where(mag > 0x7F800000, 0x7FC00000, out)
         return (out | sign).to(tl.float32, bitcast=True).to(DTYPE)
     else:  # fp16: on a grid scaled to a step of 2**16, subnormals included
-        e = tl.maximum(mag >> 23, 113)
+        e = tl.maximum(mag >> 23, FP16_EMIN)
         up = ((280 - e) << 23).to(tl.float32, bitcast=True)
         down = ((e - 10) << 23).to(tl.float32, bitcast=True)
         fixed = tl.where(e == 255, 0.0, tl.abs(v) * up).to(tl.int32)  # no NaN -> int cast
@@ -108,11 +108,11 @@ def _is_finite(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _round(v, seed, rows, col0, DTYPE: tl.constexpr, ROUND: tl.constexpr, SOFT_BF16: tl.constexpr,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+           FP16_EMIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """A tile's merged values rounded once into DTYPE: stochastically (ROUND 2) with the stream of ``seed`` at
     logical rows ``rows`` and columns from ``col0``, to nearest (1), or by a plain cast (fp32/fp64 W)."""
     if ROUND == 2:
-        return _to_stochastic(v, _rounding_bits(seed, rows, col0 // 8, BLOCK_M, BLOCK_N), DTYPE)
+        return _to_stochastic(v, _rounding_bits(seed, rows, col0 // 8, BLOCK_M, BLOCK_N), DTYPE, FP16_EMIN)
     elif ROUND == 1:
         return _to_nearest(v, DTYPE, SOFT_BF16)
     else:
@@ -128,6 +128,7 @@ def _merge_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FMA_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FACTORS_FP32: tl.constexpr, ROUND: tl.constexpr, SOFT_BF16: tl.constexpr,
     CONTIG: tl.constexpr, WRITE: tl.constexpr, EXACT: tl.constexpr, MAX_FINITE: tl.constexpr,
+    FP16_EMIN: tl.constexpr,
 ):
     """table_ptr: one int64 row of 14 per layer: W, A, B addresses, M, N, R, W's strides, A's, B's, the rounding
     seed, the row offset (a row shard draws the full W's random numbers); coef_ptr: one coefficient per layer;
@@ -223,7 +224,7 @@ def _merge_kernel(
         #    runs the exact check, which rounds the tiles holding a larger or non-finite value.
         if WRITE:
             tl.store(w_ptrs, _round(v, tl.load(row + 12), rm + tl.load(row + 13), col0, W_T, ROUND, SOFT_BF16,
-                                    BLOCK_M, BLOCK_N), mask=mask)
+                                    FP16_EMIN, BLOCK_M, BLOCK_N), mask=mask)
         elif not EXACT:  # the quick check: any value the rounding might carry past W's largest finite?
             suspect |= (~(_is_finite(v, COMPUTE) if ROUND == 0 else tl.abs(v) <= MAX_FINITE)).to(tl.int32)
         else:  # the exact check, for a group the quick one flagged: round where the quick test cannot decide
@@ -233,7 +234,7 @@ def _merge_kernel(
                 safe = (tl.abs(v) <= MAX_FINITE) | (~mask)
             if tl.min(tl.min(safe.to(tl.int32), axis=1), axis=0) == 0:
                 new = _round(v, tl.load(row + 12), rm + tl.load(row + 13), col0, W_T, ROUND, SOFT_BF16,
-                             BLOCK_M, BLOCK_N)
+                             FP16_EMIN, BLOCK_M, BLOCK_N)
                 ok = _is_finite(new, W_T) | (~mask)
                 if tl.min(tl.min(ok.to(tl.int32), axis=1), axis=0) == 0:
                     bad = tl.maximum(bad, layer + 1)
@@ -338,12 +339,6 @@ def _programs(device: torch.device, n_tiles: int, key, compiled_fn) -> int:
     return max(1, min(n_tiles, per_sm * _sm_count(device.index or 0)))
 
 
-def _round_mode(w_dtype: torch.dtype, rounding: str) -> int:
-    if w_dtype in (torch.float32, torch.float64):
-        return ROUND_NONE
-    return ROUND_STOCHASTIC if rounding == "stochastic" else ROUND_NEAREST
-
-
 def _vector_rows(t: torch.Tensor) -> bool:
     """Unit column stride, a 16-byte aligned start, and rows that start 16 bytes apart: 16-byte vectors."""
     vec = 16 // t.element_size()
@@ -358,7 +353,7 @@ def group_key(m) -> tuple:
     dot = uses_dot(w.dtype, r)
     vec = max(16 // w.element_size(), 16 // a.element_size())
     contig = _vector_rows(w) and _vector_rows(a) and w.shape[1] % vec == 0
-    return (w.dtype, a.dtype, m.lora_B.dtype, _round_mode(w.dtype, m.rounding), dot,
+    return (w.dtype, a.dtype, m.lora_B.dtype, rounding_mode(w.dtype, m.rounding), dot,
             max(16, triton.next_power_of_2(r)) if dot else 0, 0 if dot or r > 16 else r, contig)
 
 
@@ -370,7 +365,8 @@ def launch_meta(key: tuple, write: bool, exact: bool = False) -> dict:
     factors_fp32, precision = dot_precision(w_dtype, a_dtype, b_dtype)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(block_r, 16), DOT=dot, FMA_R=fma_r,
                 DOT_PRECISION=precision, FACTORS_FP32=factors_fp32, ROUND=mode, SOFT_BF16=interpreting(),
-                CONTIG=contig, WRITE=write, EXACT=exact and not write, MAX_FINITE=torch.finfo(w_dtype).max if mode else 0.0, num_warps=warps,
+                CONTIG=contig, WRITE=write, EXACT=exact and not write, MAX_FINITE=max_finite(w_dtype) if mode else 0.0,
+                FP16_EMIN=FP16_MIN_BIASED_EXP, num_warps=warps,
                 # no contraction of B A's products and sums into FMAs: the kernel then rounds exactly as the
                 # reference and the CUDA twin do (16-bit factors' products are exact either way)
                 enable_fp_fusion=False)
