@@ -2,7 +2,8 @@
 
 Ops and their implementations:
 - ``lora_linear`` (forward and backward): ``torch`` (the cuBLAS composition, also the CPU path), ``triton``
-  (the portable fused kernel), ``triton-tma`` (Hopper: TMA descriptors and a persistent grid);
+  (the portable fused kernel), ``triton-tma`` (Hopper: host-side TMA descriptors and a persistent grid),
+  ``triton-ws`` (Hopper: persistent, warp-specialised, device-side TMA; ops/triton/lora_matmul_ws.py);
 - ``unload`` (the merge): ``torch`` (the reference; it materialises the merged W), ``triton`` (the grouped
   in-place kernel), ``cuda`` (the csrc/ twin).
 
@@ -29,7 +30,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 IMPLEMENTATIONS = {
-    "lora_linear": ("torch", "triton", "triton-tma"),
+    "lora_linear": ("torch", "triton", "triton-tma", "triton-ws"),
     "unload": ("torch", "triton", "cuda"),
 }
 ENV_VARS = {"lora_linear": "PLORA_LINEAR_KERNEL", "unload": "PLORA_UNLOAD_KERNEL"}

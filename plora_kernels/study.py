@@ -88,7 +88,7 @@ CORPUS_BYTES = 3_000_000  # at most this many bytes read per corpus
 LEGACY_PLORA = {"every": 25, "momentum": 0.0, "optimizer_reset": "zero", "restart_warmup": 5, "a_init": "redraw"}
 RECOMMENDED_PLORA = {"every": "auto", "momentum": 0.0, "optimizer_reset": "zero", "restart_warmup": 5,
                      "a_init": "redraw"}
-VARIANT_KEYS = {"every", "momentum", "optimizer_reset", "restart_warmup", "a_init", "rank_mult", "lr", "label"}
+VARIANT_KEYS = {"steps", "every", "momentum", "optimizer_reset", "restart_warmup", "a_init", "rank_mult", "lr", "label"}
 A_INITS = ("redraw", "keep", "rescale")
 
 
@@ -341,11 +341,11 @@ class _Task:
 
 
 class _TextTask(_Task):
-    def __init__(self, name: str, assets: dict, seed: int):
+    def __init__(self, name: str, assets: dict, seed: int, steps: int):
         spec = TASKS[name]
         self.base, self.train = assets["base"], assets["train"][name]
         g = torch.Generator().manual_seed(10_000 + seed)
-        self.batches = [_windows(self.train, spec["batch_size"], spec["seq_len"], g) for _ in range(spec["steps"])]
+        self.batches = [_windows(self.train, spec["batch_size"], spec["seq_len"], g) for _ in range(steps)]
         self.eval_sets = {s: list(w.split(32)) for s, w in assets["eval"][name].items()}
 
     def fresh_model(self):
@@ -460,17 +460,18 @@ _TASK_CACHE: dict = {}
 _ASSETS: dict = {}
 
 
-def _get_task(task: str, seed: int, assets_path: str | None) -> _Task:
-    key = (task, seed)
+def _get_task(task: str, seed: int, assets_path: str | None, steps: int | None = None) -> _Task:
+    steps = steps or TASKS[task]["steps"]
+    key = (task, seed, steps)
     if key not in _TASK_CACHE:
         if len(_TASK_CACHE) > 8:
             _TASK_CACHE.clear()
         if TASKS[task]["kind"] == "synthetic":
-            _TASK_CACHE[key] = _DemoTask(seed, TASKS[task]["steps"])
+            _TASK_CACHE[key] = _DemoTask(seed, steps)
         else:
             if assets_path not in _ASSETS:
                 _ASSETS[assets_path] = torch.load(assets_path, weights_only=True)
-            _TASK_CACHE[key] = _TextTask(task, _ASSETS[assets_path], seed)
+            _TASK_CACHE[key] = _TextTask(task, _ASSETS[assets_path], seed, steps)
     return _TASK_CACHE[key]
 
 
@@ -480,9 +481,8 @@ def run_one(job: dict) -> dict:
 
     t0 = time.perf_counter()
     torch.set_num_threads(job.get("threads", 1))
-    task = _get_task(job["task"], job["seed"], job.get("assets"))
     steps = job.get("steps") or TASKS[job["task"]]["steps"]
-    steps = min(steps, len(task.batches))
+    task = _get_task(job["task"], job["seed"], job.get("assets"), steps)
     v = job["variant"]
     method = job["method"]
     rank = int(job["rank"] * v.get("rank_mult", 1))

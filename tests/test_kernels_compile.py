@@ -140,6 +140,8 @@ def _specs():
         for x, adapters, lora, bias in (("bf16", "fp32", True, True), ("fp16", "fp16", True, False),
                                         ("fp32", "fp32", False, False)):
             specs.append(("gemm", dict(x=x, adapters=adapters, lora=lora, bias=bias, arch=arch)))
+    for drop in (1, 2, 3):  # LoRA dropout's mask on operand a (x A^T), on operand b (dA), on the low-rank term (dx)
+        specs.append(("gemm", dict(x="bf16", adapters="fp32", lora=drop == 3, bias=False, drop=drop, arch=90)))
     for lora, b_nk in ((True, True), (False, False)):  # TMA is Hopper's: both orientations of B
         specs.append(("tma", dict(lora=lora, b_nk=b_nk, arch=90)))
     specs += [("ws", kw) for kw in WS_VARIANTS.values()]
@@ -234,6 +236,13 @@ def test_gemm_builds(compiled, arch):
                                     ("fp32", "fp32", False, False)):
         got = _get(compiled, "gemm", x=x, adapters=adapters, lora=lora, bias=bias, arch=arch)
         assert "error" not in got, f"lora_matmul {x} {adapters} lora={lora} bias={bias} sm_{arch}:\n{got['error']}"
+
+
+@pytest.mark.parametrize("drop", [1, 2, 3])
+def test_dropout_gemm_builds_without_spills(compiled, drop):
+    got = _get(compiled, "gemm", x="bf16", adapters="fp32", lora=drop == 3, bias=False, drop=drop, arch=90)
+    assert "error" not in got, got.get("error")
+    assert got["stack_bytes"] == 0 and got["spill_stores"] == 0, got
 
 
 def test_tma_gemm_uses_tma_and_wgmma(compiled):

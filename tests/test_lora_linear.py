@@ -150,10 +150,11 @@ def test_opcheck_and_compile_without_graph_breaks(backend):
     B = torch.randn(16, 4, device=DEVICE, requires_grad=True)
     b = torch.randn(16, device=DEVICE)
     impl = "triton" if backend == "triton" else "torch"
-    torch.library.opcheck(lora_linear_fwd, (x, W, A, B, 0.5, b, impl))
-    xa = x.detach() @ A.detach().T
-    torch.library.opcheck(lora_linear_bwd, (torch.randn(6, 16, device=DEVICE), x.detach(), xa, W, A.detach(),
-                                            B.detach(), 0.5, True, impl))
+    for p in (0.0, 0.25):
+        torch.library.opcheck(lora_linear_fwd, (x, W, A, B, 0.5, b, impl, p))
+        xa = x.detach() @ A.detach().T
+        torch.library.opcheck(lora_linear_bwd, (torch.randn(6, 16, device=DEVICE), x.detach(), xa, W, A.detach(),
+                                                B.detach(), 0.5, True, impl, p, torch.tensor(7)))
     layer = PLoRALinear(32, 16, r=4, device=DEVICE)
     with torch.no_grad():
         layer.lora_B.normal_()

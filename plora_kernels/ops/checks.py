@@ -209,3 +209,12 @@ def check_seed(seed, name: str = "seed") -> int | None:
     if seed is None:
         return None
     return check_int(name, seed, error=TypeError)
+
+
+def check_dropout(p, name: str = "lora_dropout") -> float:
+    """A dropout probability: a Python float in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return float(p)

@@ -12,14 +12,24 @@ from .formats import FP16_MIN_BIASED_EXP
 
 
 
-def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None):
-    """y = x W^T + bias + s (x A^T) B^T for 2-D x, in x's dtype; returns (y, xa) with xa = x A^T.
+def dropped(x, p: float, seed: int):
+    """dropout(x) with the mask of ops.streams (kept values scaled by 1/(1-p)); x itself for p = 0."""
+    if p == 0.0:
+        return x
+    keep = streams.dropout_keep(seed, torch.arange(x.shape[0], device=x.device),
+                                torch.arange(x.shape[1], device=x.device), p)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, seed=0):
+    """y = x W^T + bias + s (dropout(x) A^T) B^T for 2-D x, in x's dtype; returns (y, xa), xa = dropout(x) A^T.
 
     On CUDA this is the cuBLAS composition: the skinny product fills y0 = bias + s xa B^T, and the big GEMM
     accumulates into it (beta = 1), so y is written once by the small GEMM and read and written once by the big
-    one, instead of a separate pass adding the low-rank term afterwards.
+    one, instead of a separate pass adding the low-rank term afterwards. Dropout (``dropout_p`` > 0, mask from
+    ``seed``, see ops.streams) applies to the adapter's input only, as in PEFT.
     """
-    xa = x @ lora_A.to(x.dtype).t()
+    xa = dropped(x, dropout_p, seed) @ lora_A.to(x.dtype).t()
     b_t = lora_B.to(x.dtype).t()
     if bias is not None:
         y = torch.addmm(bias.to(x.dtype), xa, b_t, alpha=scaling)
@@ -28,30 +38,32 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None):
     return y.addmm_(x, weight.t()), xa
 
 
-def lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling):
-    """dA = s g^T x and dB = s dy^T xa from the M x r intermediates (g = dy B), in the adapters' dtype.
+def lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
+    """dA = s g^T dropout(x) and dB = s dy^T xa from the M x r intermediates (g = dy B), in the adapters' dtype.
 
-    Shared by every backend: these are skinny GEMMs with a long reduction over M, which cuBLAS already
-    splits well, so the Triton path calls this too.
+    Skinny GEMMs with a long reduction over M, which cuBLAS splits well.
     """
-    grad_A = (g.t() @ x).mul_(scaling).to(lora_A.dtype)
+    grad_A = (g.t() @ dropped(x, dropout_p, seed)).mul_(scaling).to(lora_A.dtype)
     grad_B = (dy.t() @ xa).mul_(scaling).to(lora_B.dtype)
     return grad_A, grad_B
 
 
-def lora_linear_backward(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx=True):
+def lora_linear_backward(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx=True, dropout_p=0.0, seed=0):
     """Gradients of :func:`lora_linear_forward` for 2-D dy, never forming B A: returns (dx or None, dA, dB).
 
-    dx = dy W + s (dy B) A. The frozen weight's and the bias's gradients, when wanted, are plain torch
-    ops in the autograd layer and shared by every backend.
+    dx = dy W + s dropout'((dy B) A), where dropout' multiplies by the forward's mask and 1/(1-p). The frozen
+    weight's and the bias's gradients, when wanted, are plain torch ops in the autograd layer.
     """
     g = dy @ lora_B.to(dy.dtype)
-    # the same shape as the forward: the skinny term first, the big GEMM accumulating into it
     dx = None
-    if compute_dx:
-        dx = torch.addmm(dy.new_empty(dy.shape[0], weight.shape[1]), g, lora_A.to(dy.dtype), beta=0,
-                         alpha=scaling).addmm_(dy, weight)
-    grad_A, grad_B = lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling)
+    if compute_dx:  # as the forward: the skinny term first, the big GEMM accumulating into it
+        a_t = lora_A.to(dy.dtype)
+        if dropout_p:
+            dx = dropped(g @ a_t, dropout_p, seed).mul_(scaling).addmm_(dy, weight)
+        else:
+            dx = torch.addmm(dy.new_empty(dy.shape[0], weight.shape[1]), g, a_t, beta=0, alpha=scaling)
+            dx.addmm_(dy, weight)
+    grad_A, grad_B = lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling, dropout_p, seed)
     return dx, grad_A, grad_B
 
 

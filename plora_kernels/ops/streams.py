@@ -96,3 +96,21 @@ def init_values(seed: int, rows: int, cols: int, bound: float, dtype: torch.dtyp
 def init_bound(in_features: int) -> float:
     """kaiming_uniform_(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear and PEFT."""
     return 1.0 / in_features**0.5 if in_features else 0.0
+
+
+# ------------------------------------------------------------------------------------------ LoRA dropout
+# x[i, j] is kept with probability 1 - p: the top 24 bits of word j % 4 of Philox(seed, counter (j // 4, i)) are
+# below keep_threshold(p). The mask is never stored: the forward's x A^T, the backward's dA and the low-rank
+# term of dx each regenerate it from the seed (the Triton kernels in the tile they load).
+
+def keep_threshold(p: float) -> int:
+    """The integer below which a 24-bit draw keeps an element: round((1 - p) 2**24)."""
+    return int(round((1.0 - p) * 2**24))
+
+
+def dropout_keep(seed: int, rows: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep mask (bool) of x[rows[:, None], cols[None, :]] for dropout probability ``p``."""
+    words = philox(seed, (cols // 4)[None, :], rows[:, None])
+    j = cols[None, :] % 4
+    word = torch.where(j < 1, words[0], torch.where(j < 2, words[1], torch.where(j < 3, words[2], words[3])))
+    return (word >> 8) < keep_threshold(p)

@@ -100,15 +100,15 @@ def compile_init(*, a: str = "fp32", arch: int = 90):
 
 
 def compile_lora_matmul(*, x="bf16", adapters="fp32", lora=True, bias=False, block_m=128, block_n=256,
-                        block_k=64, num_stages=3, num_warps=8, precision=None, arch=90):
+                        block_k=64, num_stages=3, num_warps=8, precision=None, drop=0, arch=90):
     """The fused GEMM as the forward calls it: a = x (M, K) row-major, b = W^T (a view: K contiguous),
-    s = xa (M, r), l = lora_B^T (a view: r contiguous)."""
+    s = xa (M, r), l = lora_B^T (a view: r contiguous). ``drop``: where LoRA dropout's mask applies (0 none)."""
     types = dict(a_ptr="*" + x, b_ptr="*" + x, c_ptr="*" + x, s_ptr="*" + x, l_ptr="*" + adapters,
                  bias_ptr="*" + x, M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32", N_BUCKET="i32",
-                 K_BUCKET="i32", scaling="fp32")
+                 K_BUCKET="i32", scaling="fp32", drop_seed="i64", drop_threshold="i32", drop_scale="fp32")
     types.update({s: "i32" for s in ("stride_am stride_ak stride_bk stride_bn stride_cm stride_cn "
                                     "stride_sm stride_sr stride_lr stride_ln").split()})
-    ce = dict(HAS_LORA=lora, HAS_BIAS=bias, UPCAST=False,
+    ce = dict(HAS_LORA=lora, HAS_BIAS=bias, UPCAST=False, DROP=drop,
               PRECISION=precision or ("ieee" if x == "fp32" else "tf32"), BLOCK_R=16,
               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
     return _compile(lora_matmul._lora_matmul_kernel.fn, types, ce,

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import interpreting
+from .. import streams
 
 
 def _configs():
@@ -44,6 +45,18 @@ def grouped_tile(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def dropout_keep(seed, rows, cols0, threshold, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The dropout keep mask of x's tile at logical rows ``rows`` and columns ``cols0 + [0, BLOCK_C)``: the top
+    24 bits of word j % 4 of Philox(seed, (j // 4, i)) below ``threshold`` (ops.streams.dropout_keep)."""
+    G: tl.constexpr = BLOCK_C // 4
+    zero = tl.zeros((BLOCK_R, G), dtype=tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, (cols0 // 4 + tl.arange(0, G)).to(tl.uint32)[None, :] + zero,
+                               rows.to(tl.uint32)[:, None] + zero, zero, zero)
+    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # word w of group g at 4 g + w
+    return (words >> 8) < threshold
+
+
+@triton.jit
 def low_rank_seed(s_ptr, l_ptr, rm, rn, M, N, R, stride_sm, stride_sr, stride_lr, stride_ln, scaling,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -66,18 +79,21 @@ def low_rank_seed(s_ptr, l_ptr, rm, rn, M, N, R, stride_sm, stride_sr, stride_lr
 # keyed on power-of-two buckets, not exact sizes: training with variable sequence lengths changes M every
 # step, and an exact key would re-run the whole tuning sweep for each new M (any config is correct for any
 # size; the buckets only choose which one is fast)
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA", "DROP"])
 @triton.jit
 def _lora_matmul_kernel(
     a_ptr, b_ptr, c_ptr, s_ptr, l_ptr, bias_ptr,
     M, N, K, R, M_BUCKET, N_BUCKET, K_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_sm, stride_sr, stride_lr, stride_ln,
-    scaling,
+    scaling, drop_seed, drop_threshold, drop_scale,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, DROP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """DROP: where LoRA dropout's mask applies (x being that operand, its logical position the Philox counter):
+    0 nowhere, 1 to A (x A^T), 2 to B (g^T x, for dA), 3 to the low-rank term (dx); the kept values are scaled
+    by ``drop_scale`` = 1/(1-p) in fp32, after the dot."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -91,6 +107,9 @@ def _lora_matmul_kernel(
     if HAS_LORA:  # the low-rank term seeds the accumulator
         acc = low_rank_seed(s_ptr, l_ptr, rm, rn, M, N, R, stride_sm, stride_sr, stride_lr, stride_ln, scaling,
                             UPCAST, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+        if DROP == 3:
+            acc = tl.where(dropout_keep(drop_seed, rm, pid_n * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N),
+                           acc * drop_scale, 0.0)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
@@ -100,10 +119,16 @@ def _lora_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=mask_m[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=((k0 + rk) < K)[:, None] & mask_n[None, :], other=0.0)
+        if DROP == 1:
+            a = tl.where(dropout_keep(drop_seed, rm, k0, drop_threshold, BLOCK_M, BLOCK_K), a, 0.0)
+        elif DROP == 2:
+            b = tl.where(dropout_keep(drop_seed, k0 + rk, pid_n * BLOCK_N, drop_threshold, BLOCK_K, BLOCK_N), b, 0.0)
         acc += tl.dot(a.to(dtype), b.to(dtype), input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    if DROP == 1 or DROP == 2:
+        acc *= drop_scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
@@ -117,13 +142,14 @@ def _bucket(n: int) -> int:
 def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None = None,
                 lora_l: torch.Tensor | None = None, scaling: float = 1.0,
                 bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                tma: bool = False) -> torch.Tensor:
+                tma: bool = False, dropout: tuple[int, float, int] | None = None) -> torch.Tensor:
     """Return ``a @ b + scaling * lora_s @ lora_l + bias`` in a's dtype with fp32 accumulation.
 
     a: (M, K); b: (K, N) any strides; lora_s: (M, R) and lora_l: (R, N), any float dtype (cast to a's);
     bias: (N,); out: optional (M, N) destination, any strides. Shapes are the caller's contract (checked
     at the public API). ``tma``: run the TMA kernel (lora_matmul_tma.py) where it can take the shapes (the
-    resolver's ``triton-tma``).
+    resolver's ``triton-tma``). ``dropout``: (where, p, seed): LoRA dropout's mask (ops.streams) on operand a
+    (where = 1), on operand b (2) or on the low-rank term (3), kept values scaled by 1/(1-p).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -137,7 +163,8 @@ def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None
     precision = "ieee" if a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     block_r = min(64, max(16, triton.next_power_of_2(R)))
     buckets = (_bucket(M), _bucket(N), _bucket(K))
-    if tma:
+    drop, p, seed = dropout or (0, 0.0, 0)
+    if tma and not drop:  # the TMA kernel has no dropout: the masked products take the portable kernel
         from . import lora_matmul_tma
 
         if lora_matmul_tma.supported(a, b, out):
@@ -152,9 +179,9 @@ def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None
         M, N, K, R, *buckets,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         s.stride(0), s.stride(1), l.stride(0), l.stride(1),
-        scaling,
+        scaling, seed, streams.keep_threshold(p), 1.0 / (1.0 - p),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None,
         UPCAST=interpreting() and a.dtype == torch.bfloat16, PRECISION=precision,
-        BLOCK_R=block_r,
+        BLOCK_R=block_r, DROP=drop,
     )
     return c
