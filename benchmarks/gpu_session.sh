@@ -87,7 +87,7 @@ for stage in "$@"; do
   t0=$(date +%s)
   case $stage in
     # CPU-only files (demo, gloo, example, sm_90 cross-compile, bench smoke) are left to CI
-    tests) step gpu_tests "${TEST_TIMEOUT:-200}" 0 python3 -m pytest -q -n 14 -p no:cacheprovider --timeout 60 \
+    tests) step gpu_tests "${TEST_TIMEOUT:-420}" 0 python3 -m pytest -q -n 14 -p no:cacheprovider --timeout 60 \
              --tb=short -rfE --durations=10 --ignore=tests/test_demo.py --ignore=tests/test_example_ddp.py \
              --ignore=tests/test_distributed.py --ignore=tests/test_kernels_compile.py \
              --ignore=tests/test_bench_smoke.py --ignore=tests/test_bench_train.py \

@@ -46,6 +46,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotuning() -> bool:
+    """Whether the GEMM kernels autotune over their configurations (``PLORA_AUTOTUNE=0`` pins the first one, as
+    the GPU test run does: a sweep per new shape bucket would cost more than the tests)."""
+    return os.environ.get("PLORA_AUTOTUNE", "1").strip() not in ("0", "")
+
+
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from ..._backend import interpreting
-from .lora_matmul import grouped_tile, lora_matmul
+from .lora_matmul import lora_matmul
+from .tiles import grouped_tile
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SPLIT, num_stages); num_warps is 4 (see above).
 # fp16/bf16: 213 KiB of shared memory (3 stages of A/B, 48 KiB each, and of S/L, 12 KiB each; a 32 KiB C half)
