@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: environment, the test suite compiled on the GPU, then benchmarks.
 # Usage (on the GPU machine, repo root):
-#   bash benchmarks/gpu_session.sh [tests] [quick|linear|unload|full] [train] [nccl]
+#   bash benchmarks/gpu_session.sh [tests] [quick|linear|unload|full] [train] [train_dropout] [nccl]
 #   tests  the test suite on the GPU (CPU-only files are left to CI)
 #   quick  the target shapes: `bench linear --quick --pieces` (M=8192, 4096->4096, r=16, bf16 x/W with fp32 and
 #          with bf16 adapters: the cuBLAS floor, PEFT, every resolver implementation of lora_linear and the default,
@@ -101,6 +101,8 @@ for stage in "$@"; do
     full)  step bench_linear "${LINEAR_TIMEOUT:-240}" 60 $PLORA bench linear --out "$OUT" ${LINEAR_ARGS:-}
            step bench_unload "${UNLOAD_TIMEOUT:-300}" 80 $PLORA bench unload --out "$OUT" ${UNLOAD_ARGS:-} ;;
     train) step bench_train 180 30 $PLORA bench train --out "$OUT" ;;
+    # the same step with LoRA dropout 0.05 on every contender with adapters (PEFT keeps its mask; ours does not)
+    train_dropout) step bench_train_dropout 180 30 $PLORA bench train --lora-dropout 0.05 --out "$OUT" ;;
     nccl)  step train_ddp_nccl 120 15 torchrun --standalone --nproc_per_node=1 examples/train_ddp.py --dtype bf16 ;;
     *) echo "unknown stage $stage" | tee -a "$STEPS"; FAILED=1 ;;
   esac

@@ -84,17 +84,34 @@ EVAL_WINDOWS = {"val": 32, "test": 128}
 CORPUS_BYTES = 3_000_000  # at most this many bytes read per corpus
 
 # PLoRA settings. "legacy": the package's defaults before this study (m = 0, fresh A, Adam state zeroed, the
-# demo's 5-step re-warm-up). "recommended": what the study supports (see RECOMMENDED_NOTE and the README).
+# demo's 5-step re-warm-up) with the issue's middle interval (25 of 150 steps). "recommended": the same with the
+# unload interval from the study's rule (:func:`auto_every`); everything else is unchanged, because no other
+# setting helped once the stages are long enough (see the ablations).
 LEGACY_PLORA = {"every": 25, "momentum": 0.0, "optimizer_reset": "zero", "restart_warmup": 5, "a_init": "redraw"}
 RECOMMENDED_PLORA = {"every": "auto", "momentum": 0.0, "optimizer_reset": "zero", "restart_warmup": 5,
                      "a_init": "redraw"}
-VARIANT_KEYS = {"steps", "every", "momentum", "optimizer_reset", "restart_warmup", "a_init", "rank_mult", "lr", "label"}
+VARIANT_KEYS = {"steps", "every", "momentum", "optimizer_reset", "restart_warmup", "a_init", "rank_mult"}
 A_INITS = ("redraw", "keep", "rescale")
 
+# The rule for ``every`` (the study's evidence, rank 4, AdamW at the tuned LR): every unload costs the
+# adapter a restart (B is zeroed, so it learns slowly until B has regrown), 1-2.5% of LoRA's loss removed per
+# unload in 150-step real-text runs, where no interval (10-100 steps) won; the extra rank pays for the restarts
+# only once a run has several stages of 80 or more steps: 300 steps (stages of 80) tied on Python code (0.99-1.01x)
+# and won 1-3% on C++, 600 steps won 2% and 9%, the 800-step demo won 55%. So: stages of MIN_STAGE steps or
+# longer, at most MAX_STAGES of them, and no unload at all in a run with room for fewer than MIN_STAGES stages.
+MIN_STAGE = 80
+MIN_STAGES = 5
+MAX_STAGES = 10
 
-def auto_every(total_steps: int) -> int:
-    """The unload interval the study supports for a run of ``total_steps`` optimizer steps (placeholder)."""
-    return max(1, total_steps // 4)
+
+def auto_every(total_steps: int, min_stage: int = MIN_STAGE, min_stages: int = MIN_STAGES,
+               max_stages: int = MAX_STAGES) -> int:
+    """The unload interval the study supports for a run of ``total_steps`` optimizer steps:
+    ``max(min_stage, total_steps // max_stages)``, or ``total_steps + 1`` (never unload: plain LoRA) when the
+    run is shorter than ``min_stages * min_stage`` steps (400 with the defaults)."""
+    if total_steps < min_stages * min_stage:
+        return total_steps + 1
+    return max(min_stage, total_steps // max_stages)
 
 
 def resolve_every(every, total_steps: int) -> int:
@@ -106,7 +123,7 @@ def resolve_every(every, total_steps: int) -> int:
         return auto_every(total_steps)
     if isinstance(every, float) and 0.0 < every <= 1.0:
         return max(1, round(every * total_steps))
-    if isinstance(every, int) and every >= 1:
+    if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
         return every
     raise ValueError(f"every must be an int >= 1, a fraction in (0, 1], 'auto' or 'never', got {every!r}")
 
@@ -275,7 +292,7 @@ def _pretrain(prose: dict[str, torch.Tensor], progress: bool) -> dict:
         sched.step()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     if bar is not None:
         bar.close()
     model.eval()
@@ -295,7 +312,9 @@ def _fingerprint(obj) -> str:
 
 
 def prepare_text_assets(tasks: list[str], progress: bool = True, use_cache: bool = True) -> str:
-    """Build the corpora and pretrain the base model (cached); returns the path of the asset file."""
+    """Build the corpora (every real-text task's, whichever ``tasks`` asks for, so that one cached file serves
+    every suite) and pretrain the base model (cached); returns the path of the asset file."""
+    tasks = sorted({*tasks, *(t for t, spec in TASKS.items() if spec["kind"] == "text")})
     key = _fingerprint({"v": 1, "model": TEXT_MODEL, "pretrain": PRETRAIN, "bytes": CORPUS_BYTES,
                         "tasks": sorted(tasks), "torch": torch.__version__.split("+")[0],
                         "python": platform.python_version()})
@@ -485,7 +504,7 @@ def run_one(job: dict) -> dict:
     task = _get_task(job["task"], job["seed"], job.get("assets"), steps)
     v = job["variant"]
     method = job["method"]
-    rank = int(job["rank"] * v.get("rank_mult", 1))
+    rank = job["rank"]
     model = task.fresh_model()
     names = _targeted_names(model)
     with torch.no_grad():
@@ -504,7 +523,7 @@ def run_one(job: dict) -> dict:
     optimizer = torch.optim.AdamW(params, lr=job["lr"], weight_decay=0.0)
     every = resolve_every(v.get("every"), steps) if method == "plora" else steps + 1
     restart = v.get("restart_warmup", 0) if method == "plora" else 0
-    sched = stage_cosine_schedule(optimizer, total_steps=steps, every=every, warmup=WARMUP,
+    sched = stage_cosine_schedule(optimizer, total_steps=steps, every=every, warmup=min(WARMUP, steps // 4),
                                   restart_warmup=restart, min_lr_ratio=MIN_LR_RATIO)
     unloader = None
     if method == "plora" and every <= steps:
@@ -525,7 +544,7 @@ def run_one(job: dict) -> dict:
             break
     model.eval()
     diverged = not all(map(math.isfinite, losses))
-    out = {k: job[k] for k in ("task", "method", "name", "rank", "lr", "seed", "phase")}
+    out = {k: job.get(k) for k in ("task", "method", "name", "rank", "lr", "seed", "phase")}
     out.update({
         "rank": rank,
         "every": every if method == "plora" else None,
@@ -550,138 +569,187 @@ def initial_losses(task: str, seed: int, assets: str | None) -> dict:
 # ----------------------------------------------------------------------------------------------- the suites
 @dataclass(eq=False)
 class Config:
-    """One configuration of the study: which (method, variant) pairs to train on which tasks and ranks."""
+    """One line of a table: a method (and PLoRA variant) trained on some tasks. ``steps``/``lrs`` override the
+    task's (a fixed ``lrs`` of one value means no tuning); ``block`` names the table the line goes into."""
     name: str
     method: str
     variant: dict = field(default_factory=dict)
     tasks: tuple = ()
     ranks: tuple | None = None     # None: the task's ranks
     group: str = "main"
+    steps: int | None = None
+    lrs: tuple | None = None
+    block: str = ""
 
 
 def main_configs(tasks) -> list[Config]:
-    return [
-        Config("LoRA", "lora", {}, tuple(tasks)),
-        Config("PLoRA", "plora", dict(RECOMMENDED_PLORA), tuple(tasks)),
-        Config("full FT", "full", {}, tuple(tasks), ranks=(0,)),
-    ]
-
-
-def ablation_configs(tasks) -> list[Config]:
-    """Each varies one setting of the legacy PLoRA (m 0, fresh A, Adam zeroed, every 25 of 150, re-warm-up 5)."""
     tasks = tuple(tasks)
-    L = LEGACY_PLORA
-    out = [Config("LoRA", "lora", {}, tasks, group="ablation"),
-           Config("PLoRA legacy", "plora", dict(L), tasks, group="ablation")]
+    return [Config("LoRA", "lora", {}, tasks),
+            Config("PLoRA", "plora", dict(RECOMMENDED_PLORA), tasks),
+            Config("full FT", "full", {}, tasks, ranks=(0,))]
 
-    def add(group, name, **change):
-        out.append(Config(name, "plora", {**L, **change}, tasks, group=group))
 
-    for m in (0.1, 0.3, 0.5):
-        add("momentum", f"m={m}", momentum=m, optimizer_reset="scale")
-    for reset in ("scale", "keep"):
-        add("optimizer", f"Adam state {reset}", optimizer_reset=reset)
-    for m, reset in ((0.5, "zero"), (0.5, "keep")):
-        add("optimizer", f"m={m}, Adam state {reset}", momentum=m, optimizer_reset=reset)
-    for rw in (0, 20):
-        add("rewarmup", f"re-warm-up {rw}", restart_warmup=rw)
-    for a in ("keep", "rescale"):
-        add("A", f"A {a}", a_init=a)
-    for frac in (1 / 15, 1 / 3, 1 / 2, 3 / 4):
-        add("every", f"every {frac:.2f} of the run", every=frac)
-    out.append(Config("LoRA 2r", "lora", {"rank_mult": 2}, tasks, group="rank"))
-    out.append(Config("PLoRA legacy 2r", "plora", {**L, "rank_mult": 2}, tasks, group="rank"))
+def length_configs(text_tasks, lengths=(300, 600), lr: float = 1e-2) -> list[Config]:
+    """The run's length: LoRA, PLoRA with the rule (auto), and fixed intervals of 80 and 200 steps, at rank 4."""
+    out = []
+    for steps in lengths:
+        blk = f"{steps} steps, lr {lr:g}"
+        for name, method, v in (("LoRA", "lora", {}),
+                                ("PLoRA auto", "plora", dict(RECOMMENDED_PLORA)),
+                                ("PLoRA every 80", "plora", {**RECOMMENDED_PLORA, "every": 80}),
+                                ("PLoRA every 200", "plora", {**RECOMMENDED_PLORA, "every": 200})):
+            out.append(Config(name, method, v, tuple(text_tasks), (4,), "length", steps=steps, lrs=(lr,), block=blk))
     return out
 
 
-def _lr_grid(task: str, method: str) -> tuple:
-    return TASKS[task]["lr_full" if method == "full" else "lr_adapter"]
+def ablation_configs(text_tasks, with_demo: bool = True, long_steps=(300, 600), lr: float = 1e-2) -> list[Config]:
+    """Each line varies one setting of the legacy PLoRA (m 0, fresh A, Adam zeroed, unload every 25 of 150
+    steps, 5-step re-warm-up), at rank 4 on the real-text tasks; then the run's length (``long_steps``) and,
+    on the demo's task, what matters there. One LR for every line (``lr``: the one LoRA and the legacy PLoRA
+    chose on both real-text tasks), so that a line differs from its block's LoRA in one setting only."""
+    tasks, L, r4, lrs = tuple(text_tasks), LEGACY_PLORA, (4,), (lr,)
+    blk = f"lr {lr:g}"
+    out = [Config("LoRA", "lora", {}, tasks, r4, "ablation", lrs=lrs, block=blk),
+           Config("PLoRA legacy (every 25)", "plora", dict(L), tasks, r4, "ablation", lrs=lrs, block=blk)]
+
+    def add(group, name, **change):
+        out.append(Config(name, "plora", {**L, **change}, tasks, r4, group, lrs=lrs, block=blk))
+
+    for m in (0.1, 0.3, 0.5):
+        add("momentum", f"m={m} (Adam scale)", momentum=m, optimizer_reset="scale")
+    for reset in ("scale", "keep"):
+        add("optimizer", f"m=0, Adam {reset}", optimizer_reset=reset)
+    add("optimizer", "m=0.5, Adam keep", momentum=0.5, optimizer_reset="keep")
+    for rw in (0, 20):
+        add("rewarmup", f"re-warm-up {rw}", restart_warmup=rw)
+    add("A", "m=0, A keep", a_init="keep")
+    add("A", "m=0, A keep, Adam keep", a_init="keep", optimizer_reset="keep")
+    for every in (10, 50, 75, 100):
+        add("every", f"every {every} (of 150)", every=every)
+    out.append(Config("LoRA 2r", "lora", {"rank_mult": 2}, tasks, r4, "rank", lrs=lrs, block=blk))
+    out += length_configs(tasks, long_steps, lr)
+    if with_demo:
+        for name, method, v in (("LoRA", "lora", {}),
+                                ("PLoRA auto", "plora", dict(RECOMMENDED_PLORA)),
+                                ("PLoRA auto, A keep", "plora", {**RECOMMENDED_PLORA, "a_init": "keep"}),
+                                ("PLoRA auto, m=0.5", "plora", {**RECOMMENDED_PLORA, "momentum": 0.5,
+                                                                 "optimizer_reset": "scale"}),
+                                ("PLoRA every 25", "plora", {**RECOMMENDED_PLORA, "every": 25})):
+            out.append(Config(name, method, v, ("demo",), r4, "demo", lrs=lrs, block=blk))
+    return out
 
 
-def _jobs_for(cfg: Config, task: str, rank: int, seeds, lrs, phase: str, assets) -> list[dict]:
-    return [{"task": task, "method": cfg.method, "name": cfg.name, "variant": cfg.variant, "rank": rank,
-             "lr": lr, "seed": s, "phase": phase, "assets": assets, "group": cfg.group}
-            for lr in lrs for s in seeds]
+def _steps_of(cfg: Config, task: str, override: dict) -> int:
+    return cfg.steps or override.get(task) or TASKS[task]["steps"]
+
+
+def _lrs_of(cfg: Config, task: str) -> tuple:
+    return cfg.lrs or TASKS[task]["lr_full" if cfg.method == "full" else "lr_adapter"]
+
+
+def _rank_of(cfg: Config, rank: int) -> int:
+    return 0 if cfg.method == "full" else int(rank * cfg.variant.get("rank_mult", 1))
+
+
+def _canonical(job: dict) -> tuple:
+    """Jobs that train the same thing share one run: PLoRA that never unloads (auto in a short run) is LoRA."""
+    v, method = job["variant"], job["method"]
+    if method == "plora" and resolve_every(v.get("every"), job["steps"]) > job["steps"]:
+        method = "lora"
+    if method in ("lora", "full"):
+        v = {}  # job["rank"] is the adapter's rank already
+    return (job["task"], job["steps"], method, json.dumps(v, sort_keys=True), job["rank"], job["lr"],
+            job["seed"])
 
 
 def run_suite(configs: list[Config], seeds=(0, 1), jobs: int = 1, progress: bool = True, assets=None,
               steps_override: dict | None = None, tune: str = "first") -> list[dict]:
-    """LR tuning on the validation split at the first seed (``tune="first"``) or on the mean over seeds
-    (``"all"``), then every seed at the chosen LR. Returns every run's record."""
-    seeds = tuple(seeds)
-    units = []  # (cfg, task, rank)
-    for cfg in configs:
-        for task in cfg.tasks:
-            for rank in (cfg.ranks or TASKS[task]["ranks"]):
-                units.append((cfg, task, rank))
+    """Tune the LR on the validation split (at the first seed, or the mean over seeds with ``tune="all"``),
+    then run every other seed at the chosen LR. Returns every run's record; the chosen ones have chosen=True."""
+    seeds, override = tuple(seeds), steps_override or {}
     tune_seeds = seeds if tune == "all" else seeds[:1]
-    pending = {}
-    records = []
-    total = sum(len(_lr_grid(t, c.method)) * len(tune_seeds) + (len(seeds) - len(tune_seeds))
-                for c, t, _ in units)
+    units = [(cfg, task, rank) for cfg in configs for task in cfg.tasks for rank in (cfg.ranks or TASKS[task]["ranks"])]
+    records, memo, waiting, ready = [], {}, {}, []
+    uid = {id(u): i for i, u in enumerate(units)}
+
+    def job_for(u, lr, seed, phase):
+        cfg, task, rank = u
+        return {"task": task, "method": cfg.method, "name": cfg.name, "variant": cfg.variant,
+                "rank": _rank_of(cfg, rank), "lr": lr, "seed": seed, "phase": phase, "assets": assets,
+                "group": cfg.group, "block": cfg.block, "steps": _steps_of(cfg, task, override), "unit": uid[id(u)]}
+
+    total = sum(len(_lrs_of(c, t)) * len(tune_seeds) + len(seeds) - len(tune_seeds) for c, t, _ in units)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="study", unit="run", dynamic_ncols=True, file=sys.stderr)
-    ctx = mp.get_context("spawn")
-    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) if jobs > 1 else None
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                  initializer=_worker_init) if jobs > 1 else None
 
     def submit(job):
-        if steps_override and job["task"] in steps_override:
-            job["steps"] = steps_override[job["task"]]
+        key = _canonical(job)
+        if key in memo:
+            fut = memo[key]
+            if fut.done():
+                ready.append((fut, job))
+            else:
+                waiting[fut].append(job)
+            return
         if pool is None:
             fut = cf.Future()
             fut.set_result(run_one(job))
-            return fut
-        return pool.submit(run_one, job)
+            memo[key] = fut
+            ready.append((fut, job))
+            return
+        fut = pool.submit(run_one, job)
+        memo[key], waiting[fut] = fut, [job]
 
-    todo = {}
+    tune_left = {}
     for u in units:
-        cfg, task, rank = u
-        for job in _jobs_for(cfg, task, rank, tune_seeds, _lr_grid(task, cfg.method), "tune", assets):
-            todo[submit(job)] = u
-    grid_left = {u: len(_lr_grid(u[1], u[0].method)) * len(tune_seeds) for u in units}
-    while todo:
-        done, _ = cf.wait(list(todo), return_when=cf.FIRST_COMPLETED)
-        for fut in done:
-            u = todo.pop(fut)
-            rec = fut.result()
-            records.append(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"{rec['task']} {rec['name']} r={rec['rank']} lr={rec['lr']:g} "
-                                    f"s{rec['seed']} test={rec['test']:.4f}", refresh=False)
-            if rec["phase"] != "tune":
-                continue
-            grid_left[u] -= 1
-            if grid_left[u] == 0:
-                cfg, task, rank = u
-                best = _best_lr([r for r in records if _unit_of(r) == _unit_key(u) and r["phase"] == "tune"])
-                rest = [s for s in seeds if s not in tune_seeds]
-                for job in _jobs_for(cfg, task, rank, rest, [best], "final", assets):
-                    todo[submit(job)] = u
+        lrs = _lrs_of(u[0], u[1])
+        tune_left[uid[id(u)]] = len(lrs) * len(tune_seeds)
+        for lr in lrs:
+            for s in tune_seeds:
+                submit(job_for(u, lr, s, "tune"))
+
+    def accept(fut, job):
+        first = fut.result()
+        rec = {**first, **{k: job[k] for k in ("name", "method", "phase", "group", "block", "unit")}}
+        if first["name"] != job["name"] or first["phase"] != job["phase"]:
+            rec["same_run_as"] = f"{first['name']} ({first['phase']})"  # identical training, run once
+        records.append(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{rec['task']} {rec['name']} r={rec['rank']} lr={rec['lr']:g} s{rec['seed']}",
+                                refresh=False)
+        if rec["phase"] == "tune":
+            tune_left[rec["unit"]] -= 1
+            if tune_left[rec["unit"]] == 0:
+                u = units[rec["unit"]]
+                best = _best_lr([r for r in records if r["unit"] == rec["unit"] and r["phase"] == "tune"])
+                for s in seeds:
+                    if s not in tune_seeds:
+                        submit(job_for(u, best, s, "final"))
+
+    while ready or waiting:
+        while ready:
+            accept(*ready.pop(0))
+        if waiting:
+            done, _ = cf.wait(list(waiting), return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                for job in waiting.pop(fut):
+                    ready.append((fut, job))
     if bar is not None:
         bar.close()
     if pool is not None:
         pool.shutdown()
-    for u in units:
-        best = _best_lr([r for r in records if _unit_of(r) == _unit_key(u) and r["phase"] == "tune"])
-        for r in records:
-            if _unit_of(r) == _unit_key(u) and r["lr"] == best and r["phase"] == "tune":
-                r["chosen"] = True
-            elif _unit_of(r) == _unit_key(u) and r["phase"] == "final":
-                r["chosen"] = True
+    for i in range(len(units)):
+        mine = [r for r in records if r["unit"] == i]
+        best = _best_lr([r for r in mine if r["phase"] == "tune"])
+        for r in mine:
+            r["chosen"] = r["phase"] == "final" or r["lr"] == best
     return records
-
-
-def _unit_key(u) -> tuple:
-    cfg, task, rank = u
-    return (cfg.name, task, int(rank * cfg.variant.get("rank_mult", 1)) if cfg.method != "full" else 0)
-
-
-def _unit_of(r) -> tuple:
-    return (r["name"], r["task"], r["rank"] if r["method"] != "full" else 0)
 
 
 def _best_lr(tune_records: list[dict]) -> float:
@@ -693,43 +761,44 @@ def _best_lr(tune_records: list[dict]) -> float:
 
 def _worker_init():
     torch.set_num_threads(1)
-    try:
-        os.nice(0)
-    except OSError:
-        pass
 
 
 # ------------------------------------------------------------------------------------------------ summaries
-def summarize(records: list[dict], initial: dict, configs: list[Config], seeds) -> dict:
-    """Per (task, rank): every config's chosen-LR test loss per seed, loss removed, and ratio over LoRA."""
-    chosen = [r for r in records if r.get("chosen")]
+def _block_key(task: str, rank: int, cfg: Config, steps: int) -> str:
+    extra = cfg.block
+    if extra.startswith(f"{steps} steps"):
+        extra = extra[len(f"{steps} steps"):].lstrip(", ")
+    return f"{task} r={rank} ({steps} steps" + (f", {extra}" if extra else "") + ")"
+
+
+def summarize(records: list[dict], initial: dict, configs: list[Config], steps_override=None) -> dict:
+    """Per table block (task, rank, steps, LR policy): every line's chosen-LR test loss per seed, the loss it
+    removed (L0 - L), and that over LoRA's in the same block, paired by seed."""
+    override = steps_override or {}
     out = {}
-    for cfg in configs:
-        for task in cfg.tasks:
-            for rank in (cfg.ranks or TASKS[task]["ranks"]):
-                rows = [r for r in chosen if r["name"] == cfg.name and r["task"] == task
-                        and (cfg.method == "full" or r["rank"] == int(rank * cfg.variant.get("rank_mult", 1)))]
-                if not rows:
-                    continue
-                by_seed = {r["seed"]: r for r in rows}
-                entry = {"config": cfg.name, "group": cfg.group, "method": cfg.method, "variant": cfg.variant,
-                         "lr": rows[0]["lr"], "every": rows[0]["every"], "per_seed": {}}
-                for s, r in sorted(by_seed.items()):
-                    l0 = initial[task][s]["test"]
-                    entry["per_seed"][s] = {"test": r["test"], "removed": l0 - r["test"], "val": r["val"],
+    for i, (cfg, task, rank) in enumerate((c, t, r) for c in configs for t in c.tasks
+                                          for r in (c.ranks or TASKS[t]["ranks"])):
+        rows = [r for r in records if r["unit"] == i and r.get("chosen")]
+        if not rows:
+            continue
+        steps = _steps_of(cfg, task, override)
+        entry = {"config": cfg.name, "group": cfg.group, "method": cfg.method, "variant": cfg.variant,
+                 "lr": rows[0]["lr"], "every": rows[0]["every"], "rank": rows[0]["rank"], "steps": steps,
+                 "lr_grid": list(_lrs_of(cfg, task)), "per_seed": {}}
+        grid = sorted(_lrs_of(cfg, task))
+        entry["lr_at_edge"] = len(grid) > 1 and entry["lr"] in (grid[0], grid[-1])
+        for r in sorted(rows, key=lambda r: r["seed"]):
+            l0 = initial[task][r["seed"]]["test"]
+            entry["per_seed"][r["seed"]] = {"test": r["test"], "val": r["val"], "removed": l0 - r["test"],
                                             "delta_rank": r["delta_rank"], "a_norm_ratio": r["a_norm_ratio"],
                                             "num_unloads": r["num_unloads"]}
-                ranks = (TASKS[task]["ranks"] if cfg.method == "full" else (rank,))
-                for rk in ranks:
-                    out.setdefault(f"{task}/r{rk}", {})[cfg.name] = entry
-    # ratios over LoRA at the same (task, rank), paired by seed
-    for key, entries in out.items():
+        for rk in (TASKS[task]["ranks"] if cfg.method == "full" else (rank,)):
+            out.setdefault(_block_key(task, rk, cfg, steps), {})[cfg.name] = dict(entry)  # own ratios per block
+    for entries in out.values():
         lora = entries.get("LoRA")
         for entry in entries.values():
-            ratios = []
-            for s, v in entry["per_seed"].items():
-                if lora and s in lora["per_seed"] and lora["per_seed"][s]["removed"] > 0:
-                    ratios.append(v["removed"] / lora["per_seed"][s]["removed"])
+            ratios = [v["removed"] / lora["per_seed"][s]["removed"] for s, v in entry["per_seed"].items()
+                      if lora and s in lora["per_seed"] and lora["per_seed"][s]["removed"] > 0]
             entry["ratio_vs_lora"] = _stats(ratios)
             entry["removed"] = _stats([v["removed"] for v in entry["per_seed"].values()])
             entry["test"] = _stats([v["test"] for v in entry["per_seed"].values()])
@@ -742,30 +811,31 @@ def _stats(xs: list[float]) -> dict | None:
         return None
     mean = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return {"mean": mean, "min": min(xs), "max": max(xs), "sd": sd, "n": len(xs)}
+    return {"mean": mean, "min": min(xs), "max": max(xs), "sd": sd, "n": len(xs), "values": xs}
 
 
-def format_tables(summary: dict, initial: dict, groups=None) -> str:
-    lines = []
+def format_tables(summary: dict, initial: dict) -> str:
+    lines = ["loss removed = L0 - L on the test split (L0: before adaptation); x LoRA = that over LoRA's in the "
+             "same block, paired by seed: mean [min, max] over seeds; test loss: mean ± sd over seeds; "
+             "lr: chosen on the validation split (* = at the edge of the grid); rank dW: numerical rank of the "
+             "total update (mean over layers); |A|/|A0|: norm of A at an unload over a fresh draw's"]
     for key, entries in summary.items():
-        task, rank = key.split("/")
+        task = key.split(" ")[0]
         l0 = sum(v["test"] for v in initial[task].values()) / len(initial[task])
-        lines.append(f"\n{task} {rank}  (L0 test = {l0:.4f}; {TASKS[task]['steps']} steps)")
-        header = f"  {'config':<28} {'lr':>7} {'every':>5} {'test loss':>17} {'loss removed':>17} " \
-                 f"{'x LoRA [min, max]':>20} {'rank dW':>7} {'|A|/|A0|':>8}"
-        lines.append(header)
-        lines.append("  " + "-" * (len(header) - 2))
+        lines.append(f"\n{key}   L0 = {l0:.4f}")
+        header = (f"  {'':<26} {'lr':>8} {'every':>5} {'test loss':>16} {'loss removed':>16} "
+                  f"{'x LoRA [min, max]':>21} {'rank dW':>7} {'|A|/|A0|':>8}")
+        lines += [header, "  " + "-" * (len(header) - 2)]
         for name, e in entries.items():
-            if groups and e["group"] not in groups and name != "LoRA":
-                continue
             t, rm, ra = e["test"], e["removed"], e["ratio_vs_lora"]
             dr = [v["delta_rank"] for v in e["per_seed"].values()]
             an = [v["a_norm_ratio"] for v in e["per_seed"].values() if v["a_norm_ratio"] is not None]
+            every = e["every"] if e["every"] is not None and e["every"] <= e["steps"] else "-"
+            ratio = f"{ra['mean']:>6.3f}x [{ra['min']:.3f}, {ra['max']:.3f}]" if ra else f"{'n/a':>21}"
             lines.append(
-                f"  {name:<28} {e['lr']:>7g} {e['every'] if e['every'] is not None else '-':>5} "
-                f"{t['mean']:>9.4f} ±{t['sd']:<6.4f} {rm['mean']:>9.4f} ±{rm['sd']:<6.4f} "
-                + (f"{ra['mean']:>6.2f}x [{ra['min']:.2f}, {ra['max']:.2f}]" if ra else f"{'n/a':>20}")
-                + f" {sum(dr) / len(dr):>7.1f} " + (f"{sum(an) / len(an):>8.2f}" if an else f"{'-':>8}"))
+                f"  {name:<26} {e['lr']:>7g}{'*' if e['lr_at_edge'] else ' '} {every:>5} "
+                f"{t['mean']:>8.4f} ±{t['sd']:<6.4f} {rm['mean']:>8.4f} ±{rm['sd']:<6.4f} {ratio} "
+                f"{sum(dr) / len(dr):>7.1f} " + (f"{sum(an) / len(an):>8.2f}" if an else f"{'-':>8}"))
     return "\n".join(lines)
 
 
@@ -775,61 +845,87 @@ def _plot(summary: dict, path: str, title: str) -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    keys = list(summary)
-    names = []
-    for e in summary.values():
-        for n in e:
-            if n not in names and n != "LoRA":
-                names.append(n)
-    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(keys) * max(1, len(names))), 4.5), dpi=110)
-    width = 0.8 / max(1, len(names))
-    cmap = plt.get_cmap("tab20")
-    for j, n in enumerate(names):
-        for i, k in enumerate(keys):
-            e = summary[k].get(n)
-            if not e or not e["ratio_vs_lora"]:
-                continue
-            lora = summary[k]["LoRA"]
-            ys = [v["removed"] / lora["per_seed"][s]["removed"] for s, v in e["per_seed"].items()
-                  if s in lora["per_seed"] and lora["per_seed"][s]["removed"] > 0]
-            x = i - 0.4 + width * (j + 0.5)
-            ax.bar(x, e["ratio_vs_lora"]["mean"], width * 0.9, color=cmap(j % 20), label=n if i == 0 else None)
-            ax.scatter([x] * len(ys), ys, color="k", s=8, zorder=3)
-    ax.axhline(1.0, color="gray", ls="--", lw=1)
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(keys, rotation=0)
-    ax.set_ylabel("loss removed / LoRA's (same rank, seed)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(axis="y", alpha=0.3)
+    rows = []  # (block, name, ratios)
+    for key, entries in summary.items():
+        for name, e in entries.items():
+            if name != "LoRA" and e["ratio_vs_lora"]:
+                rows.append((key, name, e["ratio_vs_lora"]))
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.22 * len(rows) + 1.2)), dpi=110)
+    blocks = list(dict.fromkeys(b for b, _, _ in rows))
+    cmap = plt.get_cmap("tab10")
+    for i, (block, name, st) in enumerate(rows):
+        y = len(rows) - i
+        color = cmap(blocks.index(block) % 10)
+        ax.barh(y, st["mean"] - 1.0, left=1.0, color=color, alpha=0.55, height=0.7)
+        ax.plot([st["min"], st["max"]], [y, y], color="k", lw=1)
+        ax.scatter(st["values"], [y] * len(st["values"]), color="k", s=9, zorder=3)
+        ax.text(max(st["max"], 1.0) + 0.01, y, f"{st['mean']:.2f}x", va="center", fontsize=6.5)
+    ax.set_yticks([len(rows) - i for i in range(len(rows))])
+    ax.set_yticklabels([f"{b}: {n}" for b, n, _ in rows], fontsize=6.5)
+    ax.axvline(1.0, color="gray", ls="--", lw=1)
+    ax.set_xlabel("loss removed / LoRA's in the same block (bar: mean; dots: seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+def rebuild_report(json_path: str) -> dict:
+    """Recompute the summary, table and PNG of a saved record from its runs (no training); rewrites the
+    record's .json/.txt/.png in place and returns the record."""
+    rec = json.loads(Path(json_path).read_text())
+    global TASKS
+    saved = TASKS
+    try:
+        TASKS = {**TASKS, **{t: {**TASKS.get(t, {}), **{k: (tuple(v) if isinstance(v, list) else v)
+                                                        for k, v in spec.items() if k != "initial"}}
+                             for t, spec in rec["tasks"].items()}}
+        configs = [Config(c["name"], c["method"], c["variant"], tuple(c["tasks"]), None, c["group"], c["steps"],
+                          tuple(c["lrs"]) if c["lrs"] else None, c["block"]) for c in rec["configs"]]
+        ranks = {c["name"] + "|" + c["block"]: c.get("ranks") for c in rec["configs"]}
+        for c in configs:
+            r = ranks.get(c.name + "|" + c.block)
+            c.ranks = tuple(r) if r else ((0,) if c.method == "full" else
+                                          (4,) if c.group not in ("main", "custom") else None)
+        initial = {t: {int(s): v for s, v in spec["initial"].items()} for t, spec in rec["tasks"].items()}
+        runs = rec["runs"]
+        summary = summarize(runs, initial, configs)
+    finally:
+        TASKS = saved
+    rec["summary"], rec["table"] = summary, format_tables(summary, initial)
+    base = str(json_path)[:-len(".json")]
+    Path(json_path).write_text(json.dumps(rec, indent=1, default=str))
+    Path(f"{base}.txt").write_text(rec["table"] + "\n")
+    _plot(summary, f"{base}.png", f"plora study --suite {rec['suite']}: PLoRA's loss removed over LoRA's")
+    return rec
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--suite", choices=("main", "ablations", "all"), default="main",
+    parser.add_argument("--suite", choices=("main", "ablations", "length", "all"), default="main",
                         help="main: LoRA vs PLoRA (recommended settings) vs full FT; ablations: why the legacy "
-                             "PLoRA loses; all: both (default main)")
+                             "PLoRA loses (momentum, Adam state, re-warm-up, A, interval, rank, run length); "
+                             "length: the run-length lines only; all: main and ablations (default main)")
     parser.add_argument("--tasks", default=None,
                         help=f"comma-separated subset of {','.join(TASKS)} (default {','.join(DEFAULT_TASKS)}; "
-                             "ablations: the real-text ones)")
+                             "the ablations use the real-text ones, and the demo's if listed)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    parser.add_argument("--ranks", default=None, help="override the ranks of the real-text tasks, e.g. 4,8")
+    parser.add_argument("--ranks", default=None, help="ranks of the real-text tasks in the main suite (default 4,8)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="worker processes (one thread each; default min(2, CPUs))")
+                        help="worker processes, one thread each (default min(2, CPUs))")
     parser.add_argument("--tune", choices=("first", "all"), default="first",
-                        help="tune the LR on the first seed's validation loss (default) or on the mean over seeds")
+                        help="choose the LR on the first seed's validation loss (default) or the mean over seeds")
     parser.add_argument("--variant", action="append", default=[],
-                        help="extra PLoRA variant NAME:key=value,... (keys: every, momentum, optimizer_reset, "
-                             "restart_warmup, a_init, rank_mult, lr); may repeat")
-    parser.add_argument("--only-variants", action="store_true", help="run LoRA and the --variant configs only")
+                        help="an extra PLoRA line NAME:key=value,... (keys: every, momentum, optimizer_reset, "
+                             "restart_warmup, a_init, rank_mult; unset keys: the recommended settings); may repeat")
     parser.add_argument("--steps", default=None, help="override steps per task, e.g. demo=200,pycode=60")
     parser.add_argument("--smoke", action="store_true", help="a tiny configuration (seconds), for tests")
     parser.add_argument("--out", default="benchmarks/results", help="folder of the records (default benchmarks/results)")
     parser.add_argument("--no-cache", action="store_true", help="rebuild the corpora and the pretrained base")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--rebuild", metavar="JSON", default=None,
+                        help="recompute the summary, table and PNG of a saved record from its runs, no training")
     return parser
 
 
@@ -841,72 +937,86 @@ def _parse_variant(text: str) -> Config:
         k = k.strip()
         if k not in VARIANT_KEYS:
             raise ValueError(f"unknown variant key {k!r}; known: {sorted(VARIANT_KEYS)}")
-        if k in ("optimizer_reset", "a_init", "label"):
+        if k in ("optimizer_reset", "a_init"):
             v[k] = val
         elif k == "every":
             v[k] = val if val in ("auto", "never") else (float(val) if "." in val else int(val))
-        elif k in ("restart_warmup",):
+        elif k in ("restart_warmup", "steps"):
             v[k] = int(val)
         else:
             v[k] = float(val)
+    steps = v.pop("steps", None)
     method = "lora" if v.get("every") == "never" else "plora"
-    return Config(name.strip(), method, {**RECOMMENDED_PLORA, **v}, (), group="custom")
+    return Config(name.strip(), method, {**RECOMMENDED_PLORA, **v}, (), group="custom", steps=steps)
 
 
 def main(argv=None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="plora study", description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
+    if args.rebuild:
+        print(rebuild_report(args.rebuild)["table"])
+        return 0
     run_study(args)
     return 0
 
 
 def run_study(args) -> dict:
+    """Run the suite ``args`` asks for (see :func:`add_arguments`); write the records; return them."""
+    global PRETRAIN, TASKS
+    saved = PRETRAIN, TASKS
+    try:
+        return _run_study(args)
+    finally:
+        PRETRAIN, TASKS = saved
+
+
+def _run_study(args) -> dict:
+    global PRETRAIN, TASKS
     wall0 = time.perf_counter()
     torch.set_num_threads(1)
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    tasks = tuple(args.tasks.split(",")) if args.tasks else None
-    steps_override = {}
-    if args.steps:
-        for item in args.steps.split(","):
-            k, _, v = item.partition("=")
-            steps_override[k] = int(v)
-    if args.smoke:
-        tasks = tasks or ("demo", "pycode")
-        steps_override = {**{t: 12 for t in tasks}, **steps_override}
-        PRETRAIN["steps"] = 20
-        for t in tasks:
-            TASKS[t] = {**TASKS[t], "lr_adapter": TASKS[t]["lr_adapter"][1:2], "lr_full": TASKS[t]["lr_full"][1:2],
-                        "ranks": (2,), "steps": 12}
+    tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None
     for t in tasks or ():
         if t not in TASKS:
             raise SystemExit(f"unknown task {t!r}; known: {', '.join(TASKS)}")
+    override = {}
+    for item in filter(None, (args.steps or "").split(",")):
+        k, _, v = item.partition("=")
+        override[k.strip()] = int(v)
+    long_steps = (300, 600)
+    if args.smoke:
+        tasks = tasks or ("demo", "pycode")
+        PRETRAIN = {**PRETRAIN, "steps": 10, "warmup": 2}
+        TASKS = {t: {**spec, "lr_adapter": spec["lr_adapter"][:2], "lr_full": spec["lr_full"][1:2], "ranks": (2,),
+                     "steps": 8} for t, spec in TASKS.items()}
+        long_steps = (12,)
     if args.ranks:
-        for t in TASKS:
-            if TASKS[t]["kind"] == "text":
-                TASKS[t] = {**TASKS[t], "ranks": tuple(int(r) for r in args.ranks.split(","))}
-    configs = []
+        TASKS = {t: {**spec, "ranks": tuple(int(r) for r in args.ranks.split(","))} if spec["kind"] == "text"
+                 else spec for t, spec in TASKS.items()}
     main_tasks = tasks or DEFAULT_TASKS
-    text_tasks = tuple(t for t in (tasks or DEFAULT_TASKS) if TASKS[t]["kind"] == "text")
-    extra = [_parse_variant(s) for s in args.variant]
-    if args.only_variants:
-        configs = [Config("LoRA", "lora", {}, main_tasks)] + [
-            Config(c.name, c.method, c.variant, main_tasks, group="custom") for c in extra]
-    else:
-        if args.suite in ("main", "all"):
-            configs += main_configs(main_tasks)
-        if args.suite in ("ablations", "all"):
-            abl = ablation_configs(text_tasks)
-            names = {c.name for c in configs}
-            configs += [c for c in abl if c.name not in names]
-        configs += [Config(c.name, c.method, c.variant, main_tasks, group="custom") for c in extra]
-    used_tasks = sorted({t for c in configs for t in c.tasks})
-    text_used = [t for t in used_tasks if TASKS[t]["kind"] == "text"]
+    text_tasks = tuple(t for t in main_tasks if TASKS[t]["kind"] == "text")
+    configs = []
+    if args.suite in ("main", "all"):
+        configs += main_configs(main_tasks)
+    if args.suite in ("ablations", "all"):
+        configs += ablation_configs(text_tasks, with_demo="demo" in main_tasks, long_steps=long_steps)
+    if args.suite == "length":
+        configs += length_configs(text_tasks, long_steps)
+    for text in args.variant:
+        c = _parse_variant(text)
+        configs.append(Config(c.name, c.method, c.variant, main_tasks, group="custom", steps=c.steps,
+                              block=f"{c.steps} steps" if c.steps else ""))
+        if c.steps and not any(x.name == "LoRA" and x.steps == c.steps for x in configs):
+            configs.append(Config("LoRA", "lora", {}, main_tasks, group="custom", steps=c.steps,
+                                  block=f"{c.steps} steps"))
+    used = sorted({t for c in configs for t in c.tasks})
     progress = not args.no_progress
+    text_used = [t for t in used if TASKS[t]["kind"] == "text"]
     assets = prepare_text_assets(text_used, progress, use_cache=not args.no_cache) if text_used else None
-    initial = {t: {s: initial_losses(t, s, assets) for s in seeds} for t in used_tasks}
+    initial = {t: {s: initial_losses(t, s, assets) for s in seeds} for t in used}
     records = run_suite(configs, seeds, jobs=max(1, args.jobs), progress=progress, assets=assets,
-                        steps_override=steps_override, tune=args.tune)
-    summary = summarize(records, initial, configs, seeds)
+                        steps_override=override, tune=args.tune)
+    summary = summarize(records, initial, configs, override)
     table = format_tables(summary, initial)
     wall = time.perf_counter() - wall0
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -914,22 +1024,28 @@ def run_study(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"study-{stamp}"
     result = {
-        "suite": args.suite, "argv": sys.argv[1:], "seeds": seeds, "tune": args.tune,
-        "tasks": {t: {**{k: v for k, v in TASKS[t].items()}, "initial": initial[t]} for t in used_tasks},
-        "text_model": TEXT_MODEL, "pretrain": PRETRAIN, "warmup": WARMUP, "min_lr_ratio": MIN_LR_RATIO,
+        "suite": args.suite, "argv": list(sys.argv[1:]), "seeds": list(seeds), "tune": args.tune,
+        "tasks": {t: {**TASKS[t], "initial": initial[t]} for t in used},
+        "text_model": TEXT_MODEL, "demo_model": DEMO_MODEL, "pretrain": PRETRAIN, "warmup": WARMUP,
+        "min_lr_ratio": MIN_LR_RATIO, "eval_windows": EVAL_WINDOWS,
         "legacy_plora": LEGACY_PLORA, "recommended_plora": RECOMMENDED_PLORA,
-        "configs": [{"name": c.name, "method": c.method, "variant": c.variant, "group": c.group} for c in configs],
+        "auto_every": {"min_stage": MIN_STAGE, "min_stages": MIN_STAGES, "max_stages": MAX_STAGES,
+                       "examples": {n: auto_every(n) for n in (150, 300, 399, 400, 600, 800, 2000, 10000)}},
+        "configs": [{"name": c.name, "method": c.method, "variant": c.variant, "group": c.group,
+                     "tasks": list(c.tasks), "steps": c.steps, "lrs": c.lrs, "block": c.block,
+                     "ranks": list(c.ranks) if c.ranks else None} for c in configs],
         "summary": summary, "runs": records, "table": table, "wall_s": wall,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpus": os.cpu_count(), "jobs": args.jobs, "machine": platform.machine()},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                        "jobs": args.jobs, "machine": platform.machine(),
+                        "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
     }
     if assets:
         result["corpus_bytes"] = torch.load(assets, weights_only=True)["sizes"]
     Path(f"{base}.json").write_text(json.dumps(result, indent=1, default=str))
     Path(f"{base}.txt").write_text(table + "\n")
-    _plot(summary, f"{base}.png", f"PLoRA study ({args.suite}): loss removed relative to LoRA, dots = seeds")
+    _plot(summary, f"{base}.png", f"plora study --suite {args.suite}: PLoRA's loss removed over LoRA's")
     print(table)
-    print(f"\nwrote {base}.json, .png, .txt; wall time {wall:.0f} s")
+    print(f"\nwrote {base}.json, {base}.png, {base}.txt; wall time {wall:.0f} s")
     result["files"] = {"json": f"{base}.json", "png": f"{base}.png", "txt": f"{base}.txt"}
     return result
 

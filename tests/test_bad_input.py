@@ -216,10 +216,10 @@ def _ll_row(id, exc, words, autocast=False, **over):
     row(f"lora_linear-{id}", exc, words, call, lambda: _ll(**over))
 
 
-_ll_row("x-list", TypeError, "x", x=[[1.0] * IN])
-_ll_row("x-int", TypeError, "x", x=torch.ones(5, IN, dtype=torch.long))
-_ll_row("x-last-dim", ValueError, "x", x=torch.randn(5, IN + 1))
-_ll_row("x-0d", ValueError, "x", x=torch.tensor(1.0))
+_ll_row("x-list", TypeError, "x must", x=[[1.0] * IN])
+_ll_row("x-int", TypeError, "x must", x=torch.ones(5, IN, dtype=torch.long))
+_ll_row("x-last-dim", ValueError, "x must", x=torch.randn(5, IN + 1))
+_ll_row("x-0d", ValueError, "x must", x=torch.tensor(1.0))
 _ll_row("x-dtype-vs-weight", TypeError, "weight", x=torch.randn(5, IN, dtype=torch.float64))
 _ll_row("weight-1d", ValueError, "weight", weight=torch.randn(IN))
 _ll_row("weight-none", TypeError, "weight", weight=None)
@@ -232,8 +232,8 @@ _ll_row("scaling-str", TypeError, "scaling", scaling="2")
 _ll_row("scaling-nan", ValueError, "scaling", scaling=float("nan"))
 _ll_row("bias-shape", ValueError, "bias", bias=torch.randn(OUT + 1))
 _ll_row("bias-list", TypeError, "bias", bias=[0.0] * OUT)
-_ll_row("autocast-x-int", TypeError, "x", autocast=True, x=torch.ones(5, IN, dtype=torch.long))
-_ll_row("autocast-x-list", TypeError, "x", autocast=True, x=[[1.0] * IN])
+_ll_row("autocast-x-int", TypeError, "x must", autocast=True, x=torch.ones(5, IN, dtype=torch.long))
+_ll_row("autocast-x-list", TypeError, "x must", autocast=True, x=[[1.0] * IN])
 _ll_row("autocast-fp64-x-fp32-weight", TypeError, "weight", autocast=True, x=torch.randn(5, IN, dtype=torch.float64))
 
 
@@ -312,12 +312,14 @@ def _ctor_row(id, exc, words, *args, **kw):
 _ctor_row("in_features-str", TypeError, "in_features", "12", OUT)
 _ctor_row("in_features-negative", ValueError, "in_features", -1, OUT)
 _ctor_row("out_features-float", TypeError, "out_features", IN, 8.0)
-_ctor_row("r-zero", ValueError, "r", IN, OUT, r=0)
-_ctor_row("r-str", ValueError, "r", IN, OUT, r="8")
-_ctor_row("r-bool", ValueError, "r", IN, OUT, r=True)
+_ctor_row("r-zero", ValueError, "r must", IN, OUT, r=0)
+_ctor_row("r-str", ValueError, "r must", IN, OUT, r="8")
+_ctor_row("r-bool", ValueError, "r must", IN, OUT, r=True)
 _ctor_row("alpha-str", TypeError, "alpha", IN, OUT, alpha="16")
 _ctor_row("alpha-nan", ValueError, "alpha", IN, OUT, alpha=float("nan"))
 _ctor_row("alpha-tensor", TypeError, "alpha", IN, OUT, alpha=torch.tensor(16.0))
+_ctor_row("alpha-zero", ValueError, "alpha", IN, OUT, alpha=0)
+_ctor_row("bias-tensor", TypeError, "bias", IN, OUT, bias=torch.ones(OUT))
 _ctor_row("momentum-str", TypeError, "momentum", IN, OUT, momentum="0.5")
 _ctor_row("momentum-one", ValueError, "momentum", IN, OUT, momentum=1)
 _ctor_row("rounding-up", ValueError, "rounding", IN, OUT, rounding="up")
@@ -325,16 +327,26 @@ _ctor_row("dtype-int", TypeError, "dtype", IN, OUT, dtype=torch.int32)
 _ctor_row("adapter_dtype-int", TypeError, "adapter_dtype", IN, OUT, adapter_dtype=torch.int64)
 _ctor_row("adapter_dtype-str", TypeError, "adapter_dtype", IN, OUT, adapter_dtype="float32")
 row("from_linear-conv", TypeError, "linear", lambda m: PLoRALinear.from_linear(m), lambda: [nn.Conv1d(3, 3, 1)])
-row("from_linear-r0", ValueError, "r", lambda m: PLoRALinear.from_linear(m, r=0), lambda: [nn.Linear(IN, OUT)])
+row("from_linear-r0", ValueError, "r must", lambda m: PLoRALinear.from_linear(m, r=0), lambda: [nn.Linear(IN, OUT)])
 row("from_linear-momentum", TypeError, "momentum", lambda m: PLoRALinear.from_linear(m, momentum="0"),
     lambda: [nn.Linear(IN, OUT)])
 row("layer.unload_-generator-int", TypeError, "generator", lambda lay: lay.unload_(7), lambda: [layer()])
 row("layer.unload_-inference", ValueError, "inference", lambda lay: lay.unload_(),
     lambda: [_with_inference_weight(layer())])
-row("layer.forward-list", TypeError, "x", lambda lay: lay([[0.0] * IN]), lambda: [layer()])
-row("layer.forward-wrong-width", ValueError, "x", lambda lay, x: lay(x), lambda: [layer(), torch.randn(2, IN + 1)])
+row("layer.reset_lora_parameters-generator-int", TypeError, "generator", lambda lay: lay.reset_lora_parameters(42),
+    lambda: [layer()])
+row("layer.unload_-bad-momentum-attribute", ValueError, "momentum", lambda lay: lay.unload_(),
+    lambda: [_set(layer(), momentum=1.5)])
+row("layer.forward-list", TypeError, "x must", lambda lay: lay([[0.0] * IN]), lambda: [layer()])
+row("layer.forward-wrong-width", ValueError, "x must", lambda lay, x: lay(x), lambda: [layer(), torch.randn(2, IN + 1)])
 row("layer.merged_linear-overflow", ValueError, "weight", lambda m: m.fc2.merged_linear("fc2"),
     lambda: [overflowing_fp16_model()])
+
+
+def _set(obj, **attrs):
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    return obj
 
 
 def _with_inference_weight(lay):
@@ -347,9 +359,10 @@ def _apply_row(id, exc, words, model=mlp, **kw):
     row(f"apply_plora-{id}", exc, words, lambda m: apply_plora(m, **kw), lambda: [model()])
 
 
-_apply_row("r-zero", ValueError, "r", r=0)
-_apply_row("r-float", ValueError, "r", r=2.0)
+_apply_row("r-zero", ValueError, "r must", r=0)
+_apply_row("r-float", ValueError, "r must", r=2.0)
 _apply_row("alpha-str", TypeError, "alpha", alpha="x")
+_apply_row("alpha-zero", ValueError, "alpha", alpha=0.0)
 _apply_row("momentum-str", TypeError, "momentum", momentum="0.5")
 _apply_row("rounding", ValueError, "rounding", rounding="floor")
 _apply_row("adapter_dtype", TypeError, "adapter_dtype", adapter_dtype=torch.int8)
@@ -368,7 +381,12 @@ row("apply_plora-bare-linear", TypeError, ("model", "from_linear"), lambda m: ap
 row("apply_plora-bare-plora", TypeError, "model", lambda m: apply_plora(m), lambda: [layer()])
 row("plora_layers-model-int", TypeError, "model", lambda: plora_layers(42))
 row("unload_all_-model-int", TypeError, "model", lambda: unload_all_("model"))
-row("unload_all_-generator-int", TypeError, "generator", lambda m: unload_all_(m, generator=3), lambda: [plora_mlp()])
+row("unload_all_-generator-int", TypeError, ("fc1", "generator"), lambda m: unload_all_(m, generator=3),
+    lambda: [plora_mlp()])
+row("unload_all_-meta", ValueError, ("fc1", "weight", "meta"), lambda m: unload_all_(m),
+    lambda: [apply_plora(mlp().to("meta"), r=2)])
+row("unload_all_-layer-momentum-set-to-nonsense", ValueError, ("fc2", "momentum"), lambda m: unload_all_(m),
+    lambda: [_set(plora_mlp(), fc2=_set(plora_mlp().fc2, momentum=-1.0))])
 row("unload_all_-tied", ValueError, ("head", "emb.weight", "tied"), lambda m: unload_all_(m), lambda: [retied_plora()])
 row("unload_all_-nan-in-second-layer", ValueError, ("fc2", "lora_A"), lambda m: unload_all_(m),
     lambda: [_poison(plora_mlp(), "fc2", "lora_A")])
@@ -566,7 +584,7 @@ def _from_peft(*args, **kw):
 
 
 row("from_peft-not-peft", TypeError, "peft_model", lambda m: _from_peft(m), lambda: [mlp()])
-row("from_peft-r-kwarg", TypeError, "r", lambda m: _from_peft(m, r=4), lambda: [_peft_model()])
+row("from_peft-r-kwarg", TypeError, "['r']", lambda m: _from_peft(m, r=4), lambda: [_peft_model()])
 row("from_peft-momentum", ValueError, "momentum", lambda m: _from_peft(m, momentum=1.5), lambda: [_peft_model()])
 row("from_peft-rounding", ValueError, "rounding", lambda m: _from_peft(m, rounding="up"), lambda: [_peft_model()])
 row("from_peft-unknown-kwarg", TypeError, "bogus", lambda m: _from_peft(m, bogus=1), lambda: [_peft_model()])
@@ -686,6 +704,12 @@ def test_inference_tensors_unload_inside_inference_mode(backend):
         with implementation(unload=backend):
             unload_(w, a, b, 1.0, momentum=0.5)
         assert not torch.equal(w, want)
+
+
+def test_callback_warns_when_no_unload_can_happen():
+    cb = _callback(every=50)
+    with pytest.warns(UserWarning, match="max_steps=10: no unload"):
+        cb.on_train_begin(None, SimpleNamespace(global_step=0, max_steps=10), None, model=plora_mlp(), optimizer=None)
 
 
 def test_merge_plora_consumes_no_random_numbers():

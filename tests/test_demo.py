@@ -102,3 +102,22 @@ def test_cli_demo_runs(tmp_path, capsys):
                      "--no-progress", "--out", str(tmp_path)]) == 0
     assert "PLoRA / LoRA" in capsys.readouterr().out
     assert (tmp_path / "results.json").is_file() and (tmp_path / "loss_curves.png").is_file()
+
+
+# --- issue 14: flags and the output directory are checked before training; usage errors exit 2 -----------------
+
+@pytest.mark.parametrize("flags,flag", [(["--steps", "10", "--every", "50"], "--every"), (["--lr", "inf"], "--lr"),
+                                        (["--rank", "1000"], "--rank"), (["--methods", "lora,full,lora"], "--methods")])
+def test_cli_demo_bad_flags_are_usage_errors(tmp_path, capsys, flags, flag):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--no-progress", "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"plora demo: error: argument {flag}:" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before anything was built, trained or written
+
+
+def test_cli_demo_unwritable_out_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as info:  # 100000 steps: would run for hours if the check came after training
+        cli.main(["demo", "--no-progress", "--steps", "100000", "--out", str(tmp_path / "file" / "out")])
+    assert info.value.code == 2 and "argument --out: cannot write" in capsys.readouterr().err

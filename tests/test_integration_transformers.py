@@ -302,8 +302,8 @@ def test_from_peft_merge_save_reload_same_logits(tmp_path):
     ids = _ids()
     with torch.no_grad():
         want = pm(input_ids=ids).logits
-    with pytest.warns(UserWarning, match="lora_dropout"):
-        model = from_peft(pm)
+    model = from_peft(pm)  # PEFT's lora_dropout is kept
+    assert {layer.lora_dropout for _, layer in pk.plora_layers(model)} == {0.1}
     assert type(model.lm_head) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-6, atol=1e-6)
@@ -361,3 +361,76 @@ def test_readme_transformers_example_runs(tmp_path, monkeypatch):
     assert any(h.get("plora/unloads") for h in trainer.state.log_history)
     assert not list(pk.plora_layers(namespace["model"]))  # merged back into plain Linear layers
     assert list(tmp_path.rglob("config.json")) and list(tmp_path.rglob("model.safetensors"))
+
+
+# --- issue 14: from_peft keeps what PEFT trains, unties a tied head, changes nothing on an error --------------
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_from_peft_keeps_the_biases_peft_trains(bias):
+    peft = pytest.importorskip("peft")
+    from plora_kernels.integrations import from_peft
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config(attention_bias=True))
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                   bias=bias))
+    trained_bias = {n.replace("base_model.model.", "").replace(".base_layer", "")
+                    for n, p in pm.named_parameters() if n.endswith(".bias") and p.requires_grad}
+    assert trained_bias  # PEFT trains them
+    model = from_peft(pm)
+    now = {n for n, p in model.named_parameters() if n.endswith(".bias") and p.requires_grad}
+    assert now == trained_bias
+    assert all(not layer.weight.requires_grad for _, layer in pk.plora_layers(model))
+
+
+def test_from_peft_unties_a_targeted_tied_lm_head():
+    peft = pytest.importorskip("peft")
+    from plora_kernels.integrations import from_peft
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config(tie_word_embeddings=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's own warning about a tied target
+        pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)
+    ids = _ids()
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    with pytest.warns(UserWarning, match=r"from_peft: untied lm_head \(tied to model\.embed_tokens\.weight"):
+        model = from_peft(pm)
+    emb = model.get_input_embeddings().weight
+    assert isinstance(model.lm_head, pk.PLoRALinear) and model.lm_head.weight.data_ptr() != emb.data_ptr()
+    assert model.config.tie_word_embeddings is False
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-6, atol=1e-6)
+    emb_before = emb.detach().clone()
+    pk.unload_all_(model)
+    assert torch.equal(emb, emb_before)
+
+
+def test_from_peft_checks_its_options_before_changing_the_model():
+    from plora_kernels.integrations import from_peft
+
+    pm = peft_model()
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    modules = [id(m) for m in pm.modules()]
+    for kw, exc in ((dict(momentum=1.5), ValueError), (dict(r=2), TypeError), (dict(rounding="up"), ValueError)):
+        with pytest.raises(exc):
+            from_peft(pm, **kw)
+        assert [id(m) for m in pm.modules()] == modules
+        assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
+
+
+def test_callback_momentum_is_set_only_once_resuming_succeeds(tmp_path):
+    model = tiny_plora_model()
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True, resume_from_checkpoint=None)
+    saved = {"every": 2, "step_count": 6, "num_unloads": 3, "seed": 0, "optimizer_reset": "scale", "num_layers": 1}
+    state = SimpleNamespace(global_step=6, stateful_callbacks={
+        "PLoRACallback": {"args": {}, "attributes": {"_checkpoint_state": saved}}})
+    callback = PLoRACallback(every=2, momentum=0.5)
+    with pytest.raises(ValueError, match="num_layers"):  # a checkpoint of another model
+        callback.on_train_begin(args, state, None, model=model, optimizer=None)
+    assert callback.unloader is None and all(layer.momentum == 0.0 for _, layer in pk.plora_layers(model))

@@ -137,3 +137,27 @@ def test_bad_dropout_names_the_argument(bad, exc):
     x, W, A, B = _tensors()
     with pytest.raises(exc, match="lora_dropout"):
         lora_linear(x, W, A, B, 0.5, lora_dropout=bad)
+
+
+def test_plora_linear_drops_in_training_mode_only(backend):
+    from plora_kernels import PLoRALinear, apply_plora
+
+    layer = PLoRALinear(72, 24, r=3, alpha=6, lora_dropout=0.25, device=DEVICE)
+    plain = PLoRALinear(72, 24, r=3, alpha=6, device=DEVICE)
+    plain.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        b = torch.randn(24, 3)
+        for m in (layer, plain):
+            m.lora_B.copy_(b)
+    x = torch.randn(5, 72, device=DEVICE)
+    layer.eval()
+    plain.eval()
+    assert torch.equal(layer(x), plain(x))  # eval: exactly the plain op
+    layer.train()
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    want = lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.bias, lora_dropout=0.25)
+    assert torch.equal(y, want) and not torch.equal(y, plain(x))
+    model = apply_plora(torch.nn.Sequential(torch.nn.Linear(8, 8)), r=2, lora_dropout=0.1)
+    assert model[0].lora_dropout == 0.1 and "lora_dropout=0.1" in repr(model)

@@ -105,3 +105,144 @@ def test_unload_all_and_merge_plora_on_llama(backend):
     assert not list(plora_layers(model)) and not any(isinstance(m, PLoRALinear) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+# --- issue 14: patching twice, tied weights, all-or-nothing merges ----------------------------------------------
+
+def test_apply_plora_twice_keeps_the_first_calls_adapters_trainable():
+    """A different r per group of modules is two calls; the second must not freeze the first one's adapters."""
+    model = tiny_llama()
+    apply_plora(model, target_modules=["q_proj", "v_proj"], r=4)
+    apply_plora(model, target_modules=["gate_proj", "up_proj", "down_proj"], r=2)
+    ranks = {n.split(".")[-1]: layer.r for n, layer in plora_layers(model)}
+    assert ranks == {"q_proj": 4, "v_proj": 4, "gate_proj": 2, "up_proj": 2, "down_proj": 2}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{f}" for n, _ in plora_layers(model) for f in ("lora_A", "lora_B")}
+    with pytest.raises(ValueError, match="already PLoRALinear"):  # nothing left to patch in that group
+        apply_plora(model, target_modules=["q_proj"], r=8)
+
+
+def test_tied_lm_head_is_untied_with_a_warning_and_unloads_leave_the_embedding_alone():
+    model = tiny_llama(tie=True)
+    emb = model.get_input_embeddings().weight
+    assert model.lm_head.weight is emb
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    with torch.no_grad():
+        want = model(ids).logits
+    with pytest.warns(UserWarning, match=r"untied lm_head \(tied to model\.embed_tokens\.weight\)"):
+        apply_plora(model, target_modules=["lm_head", "q_proj"], r=2)
+    head = model.lm_head
+    assert isinstance(head, PLoRALinear) and head.weight is not emb
+    assert head.weight.data_ptr() != emb.data_ptr() and torch.equal(head.weight, emb)
+    assert model.config.tie_word_embeddings is False
+    model.tie_weights()  # transformers' own re-tying (save/load, resize) must not undo it
+    assert model.lm_head.weight.data_ptr() != emb.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)  # B = 0: the same function
+        head.lora_B.normal_(std=0.1)
+        before = model(ids).logits
+    emb_before = emb.detach().clone()
+    unload_all_(model)
+    assert torch.equal(emb, emb_before)  # the unload moved the head only
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)  # no jump at the unload
+
+
+def test_a_retied_layer_is_refused_by_unloads_and_untied_by_merge_plora():
+    from plora_kernels import PeriodicUnloader
+
+    model = tiny_llama(tie=True)
+    apply_plora(model, target_modules=["q_proj"], r=2)
+    model.lm_head = PLoRALinear.from_linear(model.lm_head, r=2)  # by hand: still shares the embedding's weight
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_(std=0.1)
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    with torch.no_grad():
+        want = model(ids).logits
+    for refuse in (lambda: unload_all_(model), lambda: PeriodicUnloader(model, None, every=2)):
+        with pytest.raises(ValueError, match=r"'lm_head' is shared with \['model\.embed_tokens\.weight'\]"):
+            refuse()
+    with pytest.warns(UserWarning, match="merge_plora: untied lm_head"):
+        merge_plora(model)
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)  # the function is kept
+
+
+def test_targeted_tied_head_merges_saves_and_reloads_consistently(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = tiny_llama(tie=True)
+    with pytest.warns(UserWarning, match="untied"):
+        apply_plora(model, target_modules=["lm_head"], r=2)
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_(std=0.1)
+    unload_all_(model)
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_(std=0.1)
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    merge_plora(model)
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, want)
+
+
+def test_merge_plora_is_all_or_nothing_and_draws_no_random_numbers(backend):
+    model = tiny_llama()
+    apply_plora(model, r=2, alpha=2)
+    layers = dict(plora_layers(model))
+    last = list(layers)[-1]
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.normal_(std=0.05)
+        layers[last].lora_A[0, 0] = float("inf")  # only the last layer's merge is refused
+    with pytest.raises(ValueError, match=last.replace(".", r"\.")):
+        merge_plora(model)
+    assert dict(plora_layers(model)) == layers  # no layer was replaced
+    with torch.no_grad():
+        layers[last].lora_A[0, 0] = 0.0
+    rng = torch.get_rng_state()
+    merge_plora(model)
+    assert torch.equal(torch.get_rng_state(), rng) and not list(plora_layers(model))
+
+
+def test_bare_layers_are_refused_not_returned_unchanged():
+    lin = nn.Linear(8, 4)
+    with pytest.raises(TypeError, match="from_linear"):
+        apply_plora(lin)
+    assert lin.weight.requires_grad and not dict(lin.named_children())
+    layer = PLoRALinear(8, 4)
+    with pytest.raises(TypeError, match="merged_linear"):
+        merge_plora(layer)
+    assert not dict(layer.named_children())
+
+
+def test_a_module_used_twice_is_patched_unloaded_and_merged_everywhere(backend):
+    """Weight sharing by module reuse: the same Linear at two places gets one PLoRALinear at both, which is not a
+    tie (its adapter is shared too), and merge_plora replaces it at both."""
+    import warnings
+
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.Tanh(), shared).to(DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "untied" warning
+        apply_plora(model, r=2)
+    assert isinstance(model[0], PLoRALinear) and model[2] is model[0]
+    with torch.no_grad():
+        model[0].lora_B.normal_(std=0.1)
+    x = torch.randn(3, 16, device=DEVICE)
+    with torch.no_grad():
+        want = model(x)
+    assert unload_all_(model) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+        model[0].lora_B.normal_(std=0.1)
+        want = model(x)
+    merge_plora(model)
+    assert type(model[0]) is nn.Linear and model[2] is model[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)

@@ -148,3 +148,90 @@ def test_stage_schedule_shape():
         sched.step()
     with pytest.raises(ValueError, match="every must be a positive int"):
         stage_cosine_schedule(opt, 10, 0)
+
+
+# --- issue 14: checkpoints that do not fit, nonsense schedules, a failed stage end -------------------------------
+
+class _Wrapped(nn.Module):
+    """Stands in for DDP / torch.compile: the user's model is ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_state_dict_records_the_layers_and_a_checkpoint_of_another_model_is_refused():
+    model = _model()
+    unloader = PeriodicUnloader(model, None, every=2, seed=3)
+    unloader.step()
+    state = unloader.state_dict()
+    assert state["num_layers"] == 2 and state["layer_names"] == ["0", "2"]
+    PeriodicUnloader(_Wrapped(_model()), None, every=2).load_state_dict(state)  # wrapper prefixes are ignored
+    bigger = apply_plora(nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 16), nn.Linear(16, 16)), r=2)
+    other = PeriodicUnloader(bigger, None, every=2)
+    with pytest.raises(ValueError, match="num_layers"):
+        other.load_state_dict(state)
+    assert (other.step_count, other.num_unloads, other.seed) == (0, 0, 0)  # unchanged
+    with pytest.raises(ValueError, match="layer_names"):
+        PeriodicUnloader(_model(), None, every=2).load_state_dict({**state, "layer_names": ["0", "1"]})
+    legacy = {k: v for k, v in state.items() if k not in ("num_layers", "layer_names")}
+    fresh = PeriodicUnloader(_model(), None, every=2)
+    fresh.load_state_dict(legacy)  # older checkpoints carry no layer list
+    assert (fresh.step_count, fresh.seed) == (1, 3)
+
+
+@pytest.mark.parametrize("state,match", [
+    ({"every": 2, "step_count": -1, "num_unloads": 0, "seed": 0, "optimizer_reset": "zero"}, "step_count"),
+    ({"every": 2, "step_count": 4, "num_unloads": 2, "seed": 0, "optimizer_reset": "reset"}, "optimizer_reset"),
+    ({"every": 2, "step_count": 4, "seed": 0, "optimizer_reset": "zero"}, "num_unloads"),
+])
+def test_load_state_dict_refuses_nonsense_and_changes_nothing(state, match):
+    unloader = PeriodicUnloader(_model(), None, every=2)
+    with pytest.raises(ValueError, match=match):
+        unloader.load_state_dict(state)
+    assert (unloader.step_count, unloader.num_unloads, unloader.optimizer_reset) == (0, 0, "zero")
+
+
+def test_a_refused_unload_at_a_stage_end_changes_nothing():
+    model = _model()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    unloader = PeriodicUnloader(model, opt, every=2)
+    _train(model, opt, unloader, 1)
+    layer = model[2]
+    with torch.no_grad():
+        layer.lora_B[0, 0] = float("nan")
+    def bits(t):  # raw bytes: the NaN compares equal to itself
+        return t.detach().reshape(-1).view(torch.uint8).clone()
+
+    saved = ({k: bits(v) for k, v in model.state_dict().items()},
+             {id(p): {k: bits(v) for k, v in s.items()} for p, s in opt.state.items()})
+    with pytest.raises(ValueError, match=r"unload_ \(2\): lora_B contains non-finite"):
+        unloader.step()
+    assert unloader.step_count == 1 and unloader.num_unloads == 0  # the stage end can be retried
+    assert all(torch.equal(bits(v), saved[0][k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(bits(v), saved[1][id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
+
+
+def test_periodic_unloader_refuses_a_non_optimizer_before_unloading():
+    model = _model()
+    w = [layer.weight.clone() for _, layer in plora_layers(model)]
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        PeriodicUnloader(model, [p for p in model.parameters() if p.requires_grad], every=1)
+    assert all(torch.equal(layer.weight, w0) for (_, layer), w0 in zip(plora_layers(model), w))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(warmup=-1), "warmup"), (dict(warmup=11), "warmup"),
+                                      (dict(restart_warmup=-2), "restart_warmup"), (dict(min_lr_ratio="0"), "min_lr")])
+def test_stage_schedule_refuses_nonsense(kw, match):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises((ValueError, TypeError), match=match):
+        stage_cosine_schedule(opt, total_steps=10, every=2, **kw)
+    assert opt.param_groups[0]["lr"] == 1.0 and "initial_lr" not in opt.param_groups[0]
+    stage_cosine_schedule(opt, total_steps=10, every=20, warmup=10)  # the edges are fine: one stage, all warmup
+
+
+def test_an_optimizer_without_the_adapters_is_flagged():
+    model = _model()
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # e.g. built before apply_plora
+    with pytest.warns(UserWarning, match="holds none of the adapters"):
+        PeriodicUnloader(model, torch.optim.SGD(frozen, lr=0.1), every=2)

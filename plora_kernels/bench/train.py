@@ -158,8 +158,10 @@ def llama_config(size: dict):
                        max_position_embeddings=max(size["seq"], 128), use_cache=False, tie_word_embeddings=False)
 
 
-def build_model(name: str, config, device: torch.device, dtype: torch.dtype, r: int, alpha: float):
-    """The model for one contender, with the same initial weights for all (seeded), and its trainable params."""
+def build_model(name: str, config, device: torch.device, dtype: torch.dtype, r: int, alpha: float,
+                lora_dropout: float = 0.0):
+    """The model for one contender, with the same initial weights for all (seeded), and its trainable params;
+    ``lora_dropout`` on every adapter (PEFT's and ours alike)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -170,11 +172,11 @@ def build_model(name: str, config, device: torch.device, dtype: torch.dtype, r: 
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGET_MODULES,
-                                                 lora_dropout=0.0, bias="none"))
+                                                 lora_dropout=lora_dropout, bias="none"))
     elif name in BACKEND_OF:
         from ..nn.patching import apply_plora
 
-        apply_plora(model, target_modules=TARGET_MODULES, r=r, alpha=alpha)
+        apply_plora(model, target_modules=TARGET_MODULES, r=r, alpha=alpha, lora_dropout=lora_dropout)
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad]
 
@@ -208,7 +210,7 @@ def run_contender(name: str, config, size: dict, device, dtype, args) -> dict:
         with forced_backend(BACKEND_OF.get(name)):
             mem = PeakMemory(device)
             mem.start()
-            model, params = build_model(name, config, device, dtype, args.r, args.alpha)
+            model, params = build_model(name, config, device, dtype, args.r, args.alpha, args.lora_dropout)
             opt = torch.optim.AdamW(params, lr=1e-4)
             gen = torch.Generator(device="cpu").manual_seed(1)
             ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=gen).to(device)
@@ -270,6 +272,16 @@ def _plot(path, rows, size_label: str, title: str):
 
 
 # --------------------------------------------------------------------------------------------------- CLI
+def _dropout_arg(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {text!r}") from None
+    if not 0.0 <= p < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {text!r}")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plora bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default=None,
@@ -279,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"override the preset's {field}")
     p.add_argument("--r", type=common.positive_int, default=16, help="adapter rank (default 16)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--lora-dropout", type=_dropout_arg, default=0.0,
+                   help="dropout on the adapters' input, for every contender with adapters (default 0)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on CPU)")
     p.add_argument("--iters", type=common.positive_int, default=None,
                    help="timed steps (default: 10 on a GPU, 5 on CPU)")
@@ -375,7 +389,7 @@ def main(argv=None) -> int:
                 f"one training step - {env['device_name']} - {common.dtype_name(dtype)} - {size_label} r={args.r}")
     payload = {
         "benchmark": "train", "schema": 1, "environment": env,
-        "config": {"size": size_label, **size, "r": args.r, "alpha": args.alpha, "dtype": common.dtype_name(dtype),
+        "config": {"size": size_label, **size, "r": args.r, "alpha": args.alpha, "lora_dropout": args.lora_dropout, "dtype": common.dtype_name(dtype),
                    "iters": args.iters, "warmup": args.warmup, "tokens_per_step": tokens,
                    "target_modules": TARGET_MODULES, "unload_every": list(UNLOAD_EVERY), "contenders": CONTENDERS,
                    "timer": "perf_counter, synchronised per step", "optimizer": "torch.optim.AdamW(lr=1e-4)"},

@@ -93,8 +93,8 @@ def from_peft(peft_model: nn.Module, **kw) -> nn.Module:
 
     Raises TypeError for a non-PEFT model or a LoRA layer on something other than nn.Linear, ValueError for
     what PLoRALinear cannot represent (DoRA or other variants, lora_bias, several or disabled adapters, merged
-    adapters, fan_in_fan_out, trainable_token_indices). ``lora_dropout`` is dropped with a warning: outputs in
-    eval mode are identical, but PLoRALinear trains without dropout.
+    adapters, fan_in_fan_out, trainable_token_indices). PEFT's ``lora_dropout`` is kept: PLoRALinear applies it
+    to the adapter's input in training mode, as PEFT does.
     """
     PeftModel, LoraModel, LoraLayer, LoraLinear, ModulesToSaveWrapper, AuxWrapper = _lora_layer_types()
     unknown = sorted(set(kw) - set(LAYER_KWARGS))
@@ -128,11 +128,6 @@ def from_peft(peft_model: nn.Module, **kw) -> nn.Module:
         raise ValueError("peft_model has no LoRA layers")
     checked = [(name, layer, _check_layer(name, layer, LoraLinear)) for name, layer in lora_layers]
 
-    dropped = sorted({float(layer.lora_dropout[a].p) for _, layer, a in checked
-                      if isinstance(layer.lora_dropout[a], nn.Dropout) and layer.lora_dropout[a].p > 0})
-    if dropped:
-        warnings.warn(f"from_peft: lora_dropout={dropped} is dropped; outputs in eval mode are unchanged, but "
-                      "PLoRALinear trains without dropout on the adapter input", stacklevel=2)
 
     # every layer is converted before the first one replaces its PEFT layer: an error changes nothing
     tied = tied_weights(model, [(f"{name}.base_layer", layer.get_base_layer()) for name, layer, _ in checked])
@@ -141,7 +136,11 @@ def from_peft(peft_model: nn.Module, **kw) -> nn.Module:
         down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         r, scaling = down.shape[0], float(layer.scaling[adapter])
         base = layer.get_base_layer()
-        new = PLoRALinear.from_linear(base, r=r, alpha=_alpha_for(scaling, r), **{"adapter_dtype": down.dtype, **kw})
+        dropout = layer.lora_dropout[adapter]
+        p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0  # PEFT's p = 0 is an nn.Identity
+        new = PLoRALinear.from_linear(base, r=r, alpha=_alpha_for(scaling, r),
+                                      **{"adapter_dtype": down.dtype, "lora_dropout": p, **kw})
+        new.train(layer.training)  # the PEFT layer's mode: dropout only where PEFT would have applied it
         with torch.no_grad():
             new.lora_A.copy_(down)
             new.lora_B.copy_(up)

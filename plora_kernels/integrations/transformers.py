@@ -132,6 +132,10 @@ class PLoRACallback(TrainerCallback, ExportableState):
         # rebuilt on every train() call: the Trainer may have made a new optimizer (or been given a new model)
         unloader = self._build(model, optimizer)
         last = self._restore(unloader, args, state) if state.global_step > 0 else None  # resumed from a checkpoint
+        max_steps = getattr(state, "max_steps", None)
+        if isinstance(max_steps, int) and 0 < max_steps < self.every:
+            warnings.warn(f"PLoRACallback: every={self.every} is more than the run's max_steps={max_steps}: no unload "
+                          "will happen (this trains plain LoRA)", UserWarning, stacklevel=2)
         self._apply_momentum(unloader)
         self.unloader, self.last_delta_norm, self._pending_sq_norm = unloader, last, None
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ..ops import lora_linear
-from ..ops.checks import (FLOAT_DTYPES, check_factors, check_int, check_momentum, check_real, check_rounding,
-                          check_scaling)
+from ..ops.checks import (FLOAT_DTYPES, check_dropout, check_factors, check_generator, check_int, check_momentum,
+                          check_real, check_rounding, check_scaling)
 from ..ops.merge import Merge, merge_many_
 from ..ops.unload import UnloadSpec, unload_many_
 from ..ops.reference import init_lora_A_
@@ -30,15 +30,19 @@ class PLoRALinear(nn.Module):
         momentum: fraction of the adapter kept at each unload (0: merge all and re-initialise).
         rounding: "nearest" or "stochastic"; None picks stochastic for fp16/bf16 weights, else nearest.
         adapter_dtype: dtype of lora_A/lora_B; None keeps fp32 adapters on a 16-bit base (PEFT's default).
+        lora_dropout: dropout probability on the adapter's input, in training mode only (PEFT's semantics); its
+            mask is regenerated from a seed, never stored (see :func:`plora_kernels.lora_linear`).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, bias: bool = True, *,
                  momentum: float = 0.0, rounding: str | None = None, device=None, dtype=None,
-                 adapter_dtype: torch.dtype | None = None):
+                 adapter_dtype: torch.dtype | None = None, lora_dropout: float = 0.0):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             check_int(name, value, minimum=0, error=TypeError)
-        momentum = check_layer_args(r, alpha, momentum, rounding, adapter_dtype)
+        momentum = check_layer_args(r, alpha, momentum, rounding, adapter_dtype, lora_dropout)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool (whether the layer has a bias), got {type(bias).__name__}")
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating-point dtype (fp16/bf16/fp32/fp64) or None, got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
@@ -51,6 +55,7 @@ class PLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=adapter_dtype))
         self.r, self.alpha = r, alpha
         self.momentum = momentum
+        self.lora_dropout = float(lora_dropout)
         self.rounding = rounding or default_rounding(self.weight.dtype)
         self.register_buffer("num_unloads", torch.zeros((), dtype=torch.long, device=device))
         self.reset_parameters()
@@ -70,6 +75,7 @@ class PLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        check_generator(generator)
         if self.lora_A.shape[1]:  # in_features = 0 (as nn.Linear allows): A is empty, nothing to draw
             init_lora_A_(self.lora_A, generator)
         self.lora_B.zero_()
@@ -94,7 +100,8 @@ class PLoRALinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias)
+        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias,
+                           self.lora_dropout if self.training else 0.0)
 
     def unload_(self, generator: torch.Generator | None = None) -> None:
         """Merge the adapter into the weight (momentum rule, one rounding) and reset it; counts unloads."""
@@ -128,17 +135,21 @@ class PLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, alpha={self.alpha}, momentum={self.momentum}, rounding={self.rounding!r}, "
+                f"lora_dropout={self.lora_dropout}, "
                 f"unloads={int(self.num_unloads)}")
 
 
-def check_layer_args(r, alpha, momentum=0.0, rounding=None, adapter_dtype=None) -> float:
+def check_layer_args(r, alpha, momentum=0.0, rounding=None, adapter_dtype=None, lora_dropout=0.0) -> float:
     """The adapter arguments of :class:`PLoRALinear` (and of apply_plora / from_linear): r a positive int, alpha a
-    finite real, momentum in [0, 1), rounding "nearest", "stochastic" or None, adapter_dtype a float dtype or None.
+    finite non-zero real, momentum in [0, 1), rounding "nearest", "stochastic" or None, adapter_dtype a float dtype or None.
     Returns the momentum as a float. Raises TypeError / ValueError naming the argument."""
     check_int("r", r, minimum=1)
-    check_real("alpha", alpha)
+    if check_real("alpha", alpha) == 0.0:
+        raise ValueError("alpha must be non-zero: scaling = alpha / r = 0 makes the adapter add nothing and get no "
+                         "gradient")
     momentum = check_momentum(momentum)
     check_rounding(rounding, allow_none=True)
+    check_dropout(lora_dropout)
     if adapter_dtype is not None and adapter_dtype not in FLOAT_DTYPES:
         raise TypeError(f"adapter_dtype must be a floating-point dtype (fp16/bf16/fp32/fp64) or None, got "
                         f"{adapter_dtype!r}")

@@ -24,7 +24,7 @@ from torch import nn
 from ..ops.checks import shares_memory
 from .linear import PLoRALinear, check_layer_args, unload_layers_
 
-LAYER_KWARGS = ("momentum", "rounding", "adapter_dtype")
+LAYER_KWARGS = ("momentum", "rounding", "adapter_dtype", "lora_dropout")
 
 
 def _check_model(model, fn: str) -> None:
@@ -77,6 +77,21 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """{id(module): every name it has in ``model``}: a module used at several places (weight sharing by module
+    reuse) has several names; named_modules() reports only the first."""
+    out: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(module), []).append(name)
+    return out
+
+
+def _replace(model: nn.Module, aliases: dict[int, list[str]], old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every place ``old`` is used."""
+    for name in aliases[id(old)]:
+        _set_submodule(model, name, new)
+
+
 def _is_dtensor(t) -> bool:
     from ..ops.sharded import is_dtensor
 
@@ -95,17 +110,19 @@ def _memory_key(t):
 
 def tied_weights(model: nn.Module, layers: Iterable[tuple[str, nn.Module]]) -> dict[str, list[str]]:
     """{layer name: names of the other parameters and buffers of ``model`` sharing memory with its weight} for each
-    (name, layer) of ``layers`` whose weight is tied (the same Parameter, or a view of its storage)."""
+    (name, layer) of ``layers`` whose weight is tied (the same Parameter, or a view of its storage). The layer's
+    own weight under each of its names (a module used at several places) is not a tie."""
     holders: dict = {}
     for other, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
         if t is not None and (key := _memory_key(t)) is not None:
             holders.setdefault(key, []).append((other, t))
+    aliases = _aliases(model)
     out = {}
     for name, layer in layers:
         w = layer.weight
         key = _memory_key(w)
-        own = f"{name}.weight" if name else "weight"
-        others = [other for other, t in holders.get(key, ()) if other != own
+        own = {f"{alias}.weight" if alias else "weight" for alias in aliases.get(id(layer), [name])}
+        others = [other for other, t in holders.get(key, ()) if other not in own
                   and (t is w or (key[0] != "meta" and shares_memory(t, w)))] if key is not None else []
         if others:
             out[name] = others
@@ -135,7 +152,7 @@ def apply_plora(model: nn.Module, target_modules: str | Iterable[str] | None = N
         target_modules: None for every nn.Linear except the LM head / a Linear tied to the input
             embedding; a list of names matched as PEFT does (exact or dotted suffix, e.g. "q_proj"); or a
             regex string matched against the full module name.
-        r, alpha, **kw: passed to :meth:`PLoRALinear.from_linear` (momentum, rounding, adapter_dtype).
+        r, alpha, **kw: passed to :meth:`PLoRALinear.from_linear` (momentum, rounding, adapter_dtype, lora_dropout).
 
     May be called several times (e.g. a different r per group of modules): layers that are already PLoRALinear
     are left as they are, and their adapters stay trainable. A targeted Linear whose weight is tied to another
@@ -172,10 +189,11 @@ def apply_plora(model: nn.Module, target_modules: str | Iterable[str] | None = N
     for p in model.parameters():
         if id(p) not in earlier:  # an earlier call's adapters keep their requires_grad
             p.requires_grad_(False)
-    for name, layer in new:
+    aliases = _aliases(model)
+    for (name, layer), (_, linear) in zip(new, chosen):
         if name in tied:
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-        _set_submodule(model, name, layer)
+        _replace(model, aliases, linear, layer)  # at every place the Linear is used
     if tied:
         untie_config_(model)
         warn_untied("apply_plora", tied)
@@ -216,9 +234,10 @@ def merge_plora(model: nn.Module) -> nn.Module:
                         "in place and cannot replace the model object. Use layer.merged_linear() for one layer")
     named = list(plora_layers(model))
     tied = tied_weights(model, named)
-    merged = [(name, layer.merged_linear(name)) for name, layer in named]
-    for name, linear in merged:
-        _set_submodule(model, name, linear)
+    merged = [(layer, layer.merged_linear(name)) for name, layer in named]
+    aliases = _aliases(model)
+    for layer, linear in merged:
+        _replace(model, aliases, layer, linear)  # at every place the layer is used
     if tied:
         untie_config_(model)
         warn_untied("merge_plora", tied)

@@ -112,17 +112,31 @@ def check_linear_args(x, weight, lora_A, lora_B, scaling, bias) -> float:
 
 # ------------------------------------------------------------------------------ tensors written in place
 
+_DTENSOR = None
+
+
+def _dtensor_type():
+    global _DTENSOR
+    if _DTENSOR is None:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without DTensor
+            DTensor = ()
+        _DTENSOR = DTensor
+    return _DTENSOR
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (what an in-place op writes), else the tensor itself."""
-    from .sharded import is_dtensor
-
-    return t.to_local() if is_dtensor(t) else t
+    return t.to_local() if isinstance(t, _dtensor_type()) else t
 
 
 def may_overlap_itself(t: torch.Tensor) -> bool:
     """True unless ``t``'s strides prove that no two of its elements share memory (an expand()ed view has a
     stride 0; an as_strided view can repeat elements). Sorted by stride, each stride must pass the farthest
     element of the dims before it: the usual sufficient condition, exact for every layout torch makes itself."""
+    if t.is_contiguous():
+        return False
     reach = 0
     for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s > 1), key=lambda d: d[1]):
         if stride <= reach:
@@ -131,21 +145,24 @@ def may_overlap_itself(t: torch.Tensor) -> bool:
     return False
 
 
-def _byte_range(t: torch.Tensor) -> tuple[int, int, int]:
-    """(storage address, first byte, one past the last byte) that ``t`` can touch."""
+def _address_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte) of the memory ``t`` can touch. Distinct allocations never overlap, so
+    two tensors share memory exactly when their ranges intersect (a superset test for strided views)."""
     size = t.element_size()
+    start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * size
     reach = sum(st * (s - 1) for s, st in zip(t.shape, t.stride()))
-    start = t.storage_offset() * size
-    return t.untyped_storage().data_ptr(), start, start + (reach + 1) * size
+    return start, start + (reach + 1) * size
 
 
 def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` may touch a common byte of one storage."""
-    if not a.numel() or not b.numel():
+    """Whether ``a`` and ``b`` may touch a common byte (meta tensors never do: they have no memory)."""
+    if not a.numel() or not b.numel() or a.is_meta or b.is_meta or a.device != b.device:
         return False
-    pa, sa, ea = _byte_range(a)
-    pb, sb, eb = _byte_range(b)
-    return pa == pb and sa < eb and sb < ea
+    sa, ea = _address_range(a)
+    sb, eb = _address_range(b)
+    return sa < eb and sb < ea
 
 
 def check_writable(name: str, t: torch.Tensor) -> None:
@@ -153,7 +170,7 @@ def check_writable(name: str, t: torch.Tensor) -> None:
     outside ``torch.inference_mode()`` (torch refuses in-place updates to them: refused here, before another
     tensor of the same op is written), and no element sharing memory with another."""
     t = _local(t)
-    if t.device.type == "meta":
+    if t.is_meta:
         raise ValueError(f"{name} is a meta tensor (it holds no data); materialise the model first, e.g. "
                          "model.to_empty(device=...) and then load or initialise its weights")
     if t.is_inference() and not torch.is_inference_mode_enabled():
@@ -168,14 +185,26 @@ def check_writable(name: str, t: torch.Tensor) -> None:
 
 def check_unload_tensors(weight, lora_A, lora_B) -> None:
     """The tensors an unload writes: each writable (:func:`check_writable`), and no two of them overlapping (W is
-    written while A and B are read, then A and B are reset)."""
-    named = (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B))
+    written while A and B are read, then A and B are reset). This runs for every layer of every unload, so the
+    common case (three contiguous tensors of their own) costs a few attribute reads per tensor."""
+    dtensor = _dtensor_type()
+    named = (("weight", weight.to_local() if isinstance(weight, dtensor) else weight),
+             ("lora_A", lora_A.to_local() if isinstance(lora_A, dtensor) else lora_A),
+             ("lora_B", lora_B.to_local() if isinstance(lora_B, dtensor) else lora_B))
+    inference_mode = torch.is_inference_mode_enabled()
+    ranges = []
     for name, t in named:
-        check_writable(name, t)
-    local = [(name, _local(t)) for name, t in named]
-    for i, (n1, t1) in enumerate(local):
-        for n2, t2 in local[i + 1:]:
-            if shares_memory(t1, t2):
+        if t.is_meta or (not inference_mode and t.is_inference()) or not t.is_contiguous():
+            check_writable(name, t)  # raises, naming the problem (a non-contiguous layout may be fine)
+        n = t.numel()
+        if n:
+            start = t.data_ptr()
+            ranges.append((name, start, start + n * t.element_size() if t.is_contiguous()
+                           else _address_range(t)[1]))
+    # one device (check_factors ran first), so byte ranges compare
+    for i, (n1, s1, e1) in enumerate(ranges):
+        for n2, s2, e2 in ranges[i + 1:]:
+            if s1 < e2 and s2 < e1:
                 raise ValueError(f"{n1} and {n2} share memory; an unload writes both, so they must be separate "
                                  f"tensors (e.g. pass {n2}.clone())")
 

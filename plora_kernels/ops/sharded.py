@@ -67,7 +67,8 @@ def _unload_rows_(weight_shard, lora_A, lora_B_rows, lora_B_local, scaling, mome
     reset_adapters_([lora_A], [lora_B_local], [momentum], [init_seed])
 
 
-def _check_generator(weight, rounding, momentum, generator, seed) -> None:
+def check_sharded_generator(weight, rounding, momentum, generator, seed) -> None:
+    """A distributed unload draws its random numbers identically on every rank: it needs a generator or a seed."""
     if generator is None and seed is None:
         if _needs_generator(weight, rounding, momentum):
             raise ValueError(
@@ -107,7 +108,7 @@ def unload_sharded_(weight_shard: torch.Tensor, lora_A: torch.Tensor, lora_B_sha
         out_features = row_offset + rows
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < row_offset + rows:
         raise ValueError(f"out_features must be an int >= row_offset + rows = {row_offset + rows}, got {out_features!r}")
-    _check_generator(weight_shard, rounding, momentum, generator, seed)
+    check_sharded_generator(weight_shard, rounding, momentum, generator, seed)
     with torch.no_grad():
         _unload_rows_(weight_shard, lora_A, lora_B_shard, lora_B_shard, scaling, momentum, rounding, generator, seed,
                       row_offset, _groups(group))
@@ -166,7 +167,7 @@ def unload_dtensor_(weight, lora_A, lora_B, scaling: float, *, momentum: float =
                         "use plora_kernels.unload_ for plain tensors")
     scaling, momentum = check_unload_args(weight, lora_A, lora_B, scaling, momentum, rounding)
     w_local = weight.to_local()
-    _check_generator(w_local, rounding, momentum, generator, seed)
+    check_sharded_generator(w_local, rounding, momentum, generator, seed)
     row_offset, rows = local_row_range(weight)
     with torch.no_grad():
         a_full = lora_A.full_tensor() if is_dtensor(lora_A) else lora_A

@@ -18,7 +18,7 @@ import torch
 
 from .checks import check_generator_device, check_seed, check_unload_args, shares_memory
 from .merge import Merge, draw_seeds, merge_many_, reset_adapters_
-from .sharded import _check_generator as _check_sharded_generator
+from .sharded import check_sharded_generator as _check_sharded_generator
 from .sharded import is_dtensor, unload_dtensor_
 
 
@@ -54,15 +54,22 @@ def unload_many_(specs: Sequence[UnloadSpec]) -> None:
     for i, spec in enumerate(specs):
         if not isinstance(spec, UnloadSpec):
             raise TypeError(f"specs[{i}] must be an UnloadSpec, got {type(spec).__name__}")
-        check_seed(spec.seed)
-        scaling, momentum = check_unload_args(spec.weight, spec.lora_A, spec.lora_B, spec.scaling, spec.momentum,
-                                              spec.rounding)
-        if is_dtensor(spec.weight):  # unloaded by unload_dtensor_ below; its arguments are checked here, up front
-            _check_sharded_generator(spec.weight.to_local(), spec.rounding, momentum, spec.generator, spec.seed)
+        try:
+            check_seed(spec.seed)
+            scaling, momentum = check_unload_args(spec.weight, spec.lora_A, spec.lora_B, spec.scaling, spec.momentum,
+                                                  spec.rounding)
+            if is_dtensor(spec.weight):  # unloaded by unload_dtensor_ below; its arguments are checked here, up front
+                _check_sharded_generator(spec.weight.to_local(), spec.rounding, momentum, spec.generator, spec.seed)
+            else:
+                check_generator_device(spec.generator, spec.weight)
+        except (TypeError, ValueError) as exc:
+            if not spec.label:
+                raise
+            raise type(exc)(f"unload_ ({spec.label}): {exc}") from None  # which layer, in a model-wide unload
+        if is_dtensor(spec.weight):
             sharded.append(spec)
-            continue
-        check_generator_device(spec.generator, spec.weight)
-        plain.append(spec._replace(scaling=scaling, momentum=momentum))
+        else:
+            plain.append(spec._replace(scaling=scaling, momentum=momentum))
     _check_no_cross_overlap(plain)
     # the generators the seeds are drawn from, restored if the merge refuses: an error consumes no random numbers
     generators = {id(g): g for g in (s.generator if s.generator is not None else torch.default_generator

@@ -1,10 +1,11 @@
 """PeriodicUnloader: the PeriodicLoRA stage driver for a plain training loop."""
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
+
 import torch
 from torch import nn
-
-from collections.abc import Mapping
 
 from ..nn.linear import unload_layers_
 from ..nn.patching import check_untied, plora_layers
@@ -61,6 +62,12 @@ class PeriodicUnloader:
         if not self.layers:
             raise ValueError("model has no PLoRALinear layers; call plora_kernels.apply_plora(model) first")
         check_untied(model, named, "PeriodicUnloader")
+        if optimizer is not None:
+            held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group.get("params", ())}
+            if not any(id(p) in held for layer in self.layers for p in (layer.lora_A, layer.lora_B)):
+                warnings.warn("PeriodicUnloader: the optimizer holds none of the adapters' parameters (lora_A, "
+                              "lora_B), so it does not train them and their optimizer state is never reset; build the "
+                              "optimizer after apply_plora, over the model's trainable parameters", stacklevel=2)
         if optimizer_reset is None:
             optimizer_reset = "zero" if all(layer.momentum == 0 for layer in self.layers) else "scale"
         self.optimizer, self.every, self.optimizer_reset, self.seed = optimizer, every, optimizer_reset, seed
