@@ -71,6 +71,13 @@ def info() -> dict[str, str]:
     return rows
 
 
+def _cmd_study(argv: list[str]) -> int:
+    from . import study
+
+    code = study.main(argv)
+    return code if isinstance(code, int) else 0
+
+
 def _cmd_info(args) -> int:
     rows = info()
     width = max(map(len, rows))
@@ -115,13 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     from . import demo
 
     parser = argparse.ArgumentParser(prog="plora", description="PeriodicLoRA kernels: demo, benchmarks, environment")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,study,info,bench}")
     sub.required = True
 
     p_demo = sub.add_parser("demo", help="LoRA vs PLoRA vs full FT on a high-rank task (CPU, about 2 min)",
                             description=demo.__doc__.split("\n")[0])
     demo.add_arguments(p_demo)
     p_demo.set_defaults(func=_cmd_demo, parser=p_demo)
+
+    p_study = sub.add_parser("study", help="LoRA vs PLoRA vs full fine-tuning on the demo's task and real text "
+                                           "(the method study; arguments are forwarded, try plora study --help)")
+    p_study.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the study")
+    p_study.set_defaults(func=lambda args: _cmd_study(list(args.args)))
 
     p_info = sub.add_parser("info", help="versions, devices and which backend the ops use")
     p_info.set_defaults(func=_cmd_info)
@@ -137,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "study":  # forward everything after it untouched, --help included
+        return _cmd_study(argv[1:])
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
         # forward everything after the name untouched, --help and leading options included
         return _cmd_bench(argparse.Namespace(name=argv[1], args=argv[2:]))

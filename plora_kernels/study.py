@@ -11,19 +11,27 @@ cosine decay to 5%; PLoRA adds its short re-warm-up after each unload) on
   shipped with torch: c10, ATen, ...) and, optionally, ``pkgdocs`` (the Markdown/RST descriptions in the
   METADATA of the installed packages). Loss = next-byte cross-entropy (nats per byte).
 
-Every real-text corpus is split by file (a hash of the path) into train / validation / test. The learning rate
-is tuned per method (and per ablation variant) on the validation split at the first seed; every seed is then
-run at that learning rate and reported on the test split. "Loss removed" is ``L0 - L`` with ``L0`` the loss
-before adaptation; the headline number is PLoRA's loss removed over LoRA's, paired by seed (same data order,
-same initial adapter), with its spread over seeds.
+Every real-text corpus is split by file (a hash of the path) into train / validation / test. In the main suite
+the learning rate is tuned per method, task and rank on the validation split at the first seed (a 3-point grid);
+every seed is then run at that learning rate and reported on the test split. The ablation lines share one LR
+(1e-2, LoRA's choice on 3 of the 4 real-text blocks), so each differs from its block's LoRA in one setting.
+"Loss removed" is ``L0 - L`` with ``L0`` the loss before adaptation; the headline number is PLoRA's loss
+removed over LoRA's, paired by seed (same data order, same initial adapter), with its spread over seeds.
 
 Nothing is downloaded (``HF_HUB_OFFLINE=1``). The pretrained base models and the corpora are cached in
 ``$PLORA_STUDY_CACHE`` (default ``~/.cache/plora_kernels/study``). Records go to
 ``benchmarks/results/study-<timestamp>.{json,png,txt}`` (``--out``).
 
-Run: ``python -m plora_kernels.study`` (the main comparison, ~7 min on 2 CPU cores), ``--suite ablations``
-(why PLoRA loses with the old defaults: momentum, optimizer state, re-warm-up, A kept or re-drawn, unload
-interval, rank), ``--suite all``; ``--smoke`` for a tiny configuration (tests).
+Run: ``python -m plora_kernels.study`` (the main comparison: 36 training runs after de-duplication, about 4-5
+minutes on 2 idle cores, estimated from per-step times; 17-22 minutes were measured on a shared machine at a
+load average of 5-7), ``--suite ablations`` (why PLoRA lost with the old defaults: momentum, optimizer state,
+re-warm-up, A kept or re-drawn, unload interval, rank, run length, the demo's task; ~3x the main suite),
+``--suite length`` (the run-length lines only), ``--suite all``; ``--smoke`` for a tiny configuration (tests);
+``--rebuild RECORD.json`` to recompute a record's tables and PNG from its runs.
+
+Findings (records in benchmarks/results/study-*.json; README "When PLoRA helps"): every unload costs the adapter
+a restart (B is zeroed) worth 1-2.5% of LoRA's loss removed in a 150-step run, and the extra rank pays that back
+only over runs with several stages of 80+ steps. Hence :func:`auto_every`.
 """
 from __future__ import annotations
 
@@ -605,8 +613,8 @@ def length_configs(text_tasks, lengths=(300, 600), lr: float = 1e-2) -> list[Con
 def ablation_configs(text_tasks, with_demo: bool = True, long_steps=(300, 600), lr: float = 1e-2) -> list[Config]:
     """Each line varies one setting of the legacy PLoRA (m 0, fresh A, Adam zeroed, unload every 25 of 150
     steps, 5-step re-warm-up), at rank 4 on the real-text tasks; then the run's length (``long_steps``) and,
-    on the demo's task, what matters there. One LR for every line (``lr``: the one LoRA and the legacy PLoRA
-    chose on both real-text tasks), so that a line differs from its block's LoRA in one setting only."""
+    on the demo's task, what matters there. One LR for every line (``lr``: LoRA's choice on 3 of the 4 real-text
+    blocks of the main suite), so that a line differs from its block's LoRA in one setting only."""
     tasks, L, r4, lrs = tuple(text_tasks), LEGACY_PLORA, (4,), (lr,)
     blk = f"lr {lr:g}"
     out = [Config("LoRA", "lora", {}, tasks, r4, "ablation", lrs=lrs, block=blk),
