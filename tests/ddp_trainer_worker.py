@@ -28,9 +28,12 @@ def shutdown(barrier: bool) -> None:
     exception"), which made this test flaky."""
     gc.collect()
     if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
         if barrier:
             dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
+        if rank == 0 and barrier:
+            print("SHUTDOWN clean", flush=True)  # the test checks that the teardown ran
     gc.collect()
 
 

@@ -555,8 +555,7 @@ _sharded_row("out_features-too-small", ValueError, "out_features", row_offset=4,
 _sharded_row("momentum-str", TypeError, "momentum", momentum="0")
 _sharded_row("weight-expanded", ValueError, "weight", weight=lambda a: torch.randn(1, IN).expand(OUT, IN))
 _sharded_row("inference-lora_B", ValueError, "lora_B", lora_B=lambda a: inference(a["lora_B"]))
-_sharded_row("seed-str", (TypeError, ValueError), "seed", seed="x", generator=None,
-             reason="ops/sharded.py (not owned here) passes seed to int() unchecked: 'invalid literal for int()'")
+_sharded_row("seed-str", (TypeError, ValueError), "seed", seed="x", generator=None)
 row("unload_dtensor_-plain-tensor", TypeError, ("weight", "DTensor"),
     lambda w, a, b: unload_dtensor_(w, a, b, 1.0, generator=_gen()), lambda: list(wab()))
 

@@ -69,6 +69,8 @@ def _unload_rows_(weight_shard, lora_A, lora_B_rows, lora_B_local, scaling, mome
 
 def check_sharded_generator(weight, rounding, momentum, generator, seed) -> None:
     """A distributed unload draws its random numbers identically on every rank: it needs a generator or a seed."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if generator is None and seed is None:
         if _needs_generator(weight, rounding, momentum):
             raise ValueError(
