@@ -469,3 +469,12 @@ def plot_grouped_bars(path: Path, panels: Sequence[dict], title: str) -> Path | 
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
+
+
+def unique(seq) -> list:
+    """The items of ``seq`` without repeats, in first-seen order (works for unhashable items)."""
+    out = []
+    for x in seq:
+        if x not in out:
+            out.append(x)
+    return out

@@ -472,7 +472,7 @@ def targets(rows: list[dict], target=(*TARGET_SHAPE, TARGET_RANK, TARGET_DTYPE))
     out = []
     where = f"M={target[0]} {target[1]}->{target[2]} r={target[3]} {target[4]}"
     at = [r for r in rows if r["contender"] == "default" and key(r)[:5] == tuple(target)]
-    for adt in _uniq(r.get("adapter_dtype", r["dtype"]) for r in at):
+    for adt in common.unique(r.get("adapter_dtype", r["dtype"]) for r in at):
         by = {r["mode"]: r for r in at if r.get("adapter_dtype", r["dtype"]) == adt}
         for mode, goal in (("fwd", TARGET_FWD), ("fwd+bwd", TARGET_FWD_BWD)):
             r = by.get(mode)
@@ -511,14 +511,6 @@ def targets(rows: list[dict], target=(*TARGET_SHAPE, TARGET_RANK, TARGET_DTYPE))
     return out
 
 
-def _uniq(seq):
-    out = []
-    for x in seq:
-        if x not in out:
-            out.append(x)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- output
 COLUMNS = [
     ("mode", "mode", ""), ("M", "M", "d"), ("in", "in", "d"), ("out", "out", "d"), ("r", "r", "d"),
@@ -548,10 +540,10 @@ def _plot(path, rows, title):
     panels = []
     main = [r for r in rows if not r["contender"].startswith("piece: ")]
     for mode in MODES:
-        for dtype in _uniq(r["dtype"] for r in main if r["mode"] == mode):
+        for dtype in common.unique(r["dtype"] for r in main if r["mode"] == mode):
             sub = [r for r in main if r["mode"] == mode and r["dtype"] == dtype]
-            keys = _uniq(key(r) for r in sub)
-            names = [c for c in _uniq(r["contender"] for r in sub) if c != "floor"]
+            keys = common.unique(key(r) for r in sub)
+            names = [c for c in common.unique(r["contender"] for r in sub) if c != "floor"]
             series = {}
             for name in names:
                 vals = [next((r.get("ratio_to_floor") for r in sub if key(r) == k and r["contender"] == name), None)
@@ -596,13 +588,13 @@ def _finish(args) -> None:
     modes = [m.strip().lower() for m in (args.adapter_dtype or ",".join(ADAPTER_MODES)).split(",") if m.strip()]
     if not modes or any(m not in ADAPTER_MODES for m in modes):
         raise ValueError("--adapter-dtype takes 'same', 'fp32' or 'same,fp32'")
-    args.adapter_modes = _uniq(modes)
-    args.modes = _uniq(m.strip() for m in args.modes.split(",") if m.strip())
+    args.adapter_modes = common.unique(modes)
+    args.modes = common.unique(m.strip() for m in args.modes.split(",") if m.strip())
     if not args.modes or any(m not in MODES for m in args.modes):
         raise ValueError(f"--modes must be a comma-separated subset of {', '.join(MODES)}")
     args.modes = [m for m in MODES if m in args.modes]
     if args.implementations is not None:
-        names = _uniq(n.strip().lower() for n in args.implementations.split(",") if n.strip())
+        names = common.unique(n.strip().lower() for n in args.implementations.split(",") if n.strip())
         bad = [n for n in names if n not in implementations()]
         if not names or bad:
             raise ValueError(f"--implementations must be a comma-separated subset of {', '.join(implementations())}"
@@ -632,7 +624,7 @@ def configs_for(args, on_gpu: bool) -> list[tuple]:
                for a in args.adapter_modes]
     target = (*TARGET_SHAPE, TARGET_RANK, common.DTYPES[TARGET_DTYPE])
     first = [c for c in configs if c[:5] == target]
-    return _uniq(first + [c for c in configs if c[:5] != target])
+    return common.unique(first + [c for c in configs if c[:5] != target])
 
 
 def main(argv=None) -> int:

@@ -441,7 +441,7 @@ def targets(rows: list[dict], train: dict | None, key=(*TARGET_SHAPE, TARGET_RAN
     shape = f"{key[0]}x{key[1]} r={key[2]} {key[3]} W"
     pct_goal = f">= {TARGET_UNLOAD_PCT:g}% (floor 66.7%: check + write = 1.5 passes)"
     peaks = []
-    for fdt in _uniq(r["factor_dtype"] for r in at):
+    for fdt in common.unique(r["factor_dtype"] for r in at):
         by = {r["contender"]: r for r in at if r["factor_dtype"] == fdt}
         for rounding in ROUNDINGS:
             r = by.get(f"unload_ {rounding}")
@@ -493,14 +493,6 @@ def model_target(r: dict, train: dict | None) -> dict:
                    train_step=train, **extra)
 
 
-def _uniq(seq):
-    out = []
-    for x in seq:
-        if x not in out:
-            out.append(x)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- output
 def _size(n) -> str:
     return f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.2f} MiB"
@@ -549,7 +541,7 @@ def print_rows(rows) -> None:
 
 def _plot(path, rows, title, on_gpu):
     layer = [r for r in rows if r.get("scope", "layer") == "layer"]
-    keys = _uniq(_key(r) for r in layer)
+    keys = common.unique(_key(r) for r in layer)
     groups = [f"{o}x{i} r={r} {d}" + ("" if d == f else f"/{f}") for o, i, r, d, f in keys]
 
     def series(field):
@@ -623,7 +615,7 @@ def _finish(args) -> None:
         modes = [f.strip().lower() for f in args.factor_dtype.split(",") if f.strip()]
         if not modes or any(f not in ("same", "fp32") for f in modes):
             raise ValueError("--factor-dtype takes 'same', 'fp32' or 'same,fp32'")
-        args.factor_modes = _uniq(modes)
+        args.factor_modes = common.unique(modes)
     else:
         args.factor_modes = None
     args.rank_list = common.parse_ints(args.ranks) if args.ranks else None
