@@ -478,3 +478,10 @@ def unique(seq) -> list:
         if x not in out:
             out.append(x)
     return out
+
+
+def print_targets(targets: list[dict]) -> None:
+    """One line per target of a record: what, the value, the target, and MET / NOT MET / not measured."""
+    for t in targets:
+        met = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
+        print(f"target: {t['what']}: {t['value_text']} ({t['target']}) -> {met}")

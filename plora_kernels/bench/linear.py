@@ -696,9 +696,7 @@ def main(argv=None) -> int:
     errors = [r for r in rows if "error" in r]
     print("== all results ==")
     print_rows(rows)
-    for t in payload["targets"]:
-        met = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
-        print(f"target: {t['what']}: {t['value_text']} ({t['target']}) -> {met}")
+    common.print_targets(payload["targets"])
     for r in errors:
         print(f"error: {r['mode']} M={r['M']} {r['in']}x{r['out']} r={r['r']} {r['dtype']}/{r['adapter_dtype']} "
               f"{r['contender']}: {r['error']}")

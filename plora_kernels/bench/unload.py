@@ -729,9 +729,7 @@ def main(argv=None) -> int:
     errors = [r for r in rows if "error" in r]
     print("== all results ==")
     print_rows(rows)
-    for t in payload["targets"]:
-        met = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
-        print(f"target: {t['what']}: {t['value_text']} ({t['target']}) -> {met}")
+    common.print_targets(payload["targets"])
     if stem is not None:
         png = None
         with contextlib.suppress(Exception):  # a plot must not lose the record
