@@ -8,7 +8,7 @@ from plora_kernels.bench.unload import (CONTENDERS, MODEL_MOMENTA, contender_fns
 
 CPU_SHAPE = (256, 512, 16)       # out, in, r
 INTERPRETER_SHAPE = (32, 64, 16)  # one tile: the interpreter's cost is per program
-GPU_SHAPE = (8192, 8192, 16)     # the DESIGN target
+GPU_SHAPE = (8192, 8192, 16)     # the target of docs/design.md §5
 CPU_CONTENDERS = ("peft", "peft safe_merge", "addmm-fp32", "unload_ nearest", "unload_ stochastic")
 TRITON_PASSES = tuple(c for c in CONTENDERS if c.startswith("triton "))
 GPU_CONTENDERS = tuple(c for c in CONTENDERS if c != "copy")

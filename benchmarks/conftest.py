@@ -3,7 +3,8 @@
 Run ``pytest benchmarks/ --benchmark-disable -q`` for a fast CPU smoke run (each case runs once), or
 ``pytest benchmarks/`` for pytest-benchmark timings. CPU cases time the pure-torch reference on small
 shapes (and our Triton kernels in the interpreter only when TRITON_INTERPRET is already set in the
-environment; this conftest never sets it). GPU cases run the DESIGN target shapes and skip without CUDA.
+environment; this conftest never sets it). GPU cases run the target shapes of docs/design.md §5 and skip
+without CUDA.
 The numbers that go into BENCHMARKS.md come from ``plora bench {linear,unload}``, not from here.
 """
 import pytest

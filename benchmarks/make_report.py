@@ -1,4 +1,4 @@
-"""Regenerate BENCHMARKS.md from every JSON record in benchmarks/results/.
+"""Regenerate BENCHMARKS.md from every benchmark record (JSON) in benchmarks/results/.
 
     python benchmarks/make_report.py [--results benchmarks/results] [--output BENCHMARKS.md]
 
@@ -6,13 +6,13 @@ Every number in BENCHMARKS.md comes from a JSON record written by ``plora bench 
 ``benchmarks/kernel_resources.py`` (device, versions, shapes and raw medians are in the record); nothing is
 typed in by hand. GPU runs are listed first, newest first; records made without a GPU go in a separate
 section, labelled as CPU smoke timings of the pure-torch reference path; the latest static compile record
-(registers and instructions, no timing) has a section of its own.
+(registers and instructions, no timing) has a section of its own. The ``study-*`` records of ``plora study``
+are not benchmarks (README's "When PLoRA helps" sums them up) and are passed over.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -20,35 +20,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results"
 DEFAULT_OUTPUT = HERE.parent / "BENCHMARKS.md"
+sys.path.insert(0, str(HERE.parent))
+from plora_kernels.bench import unload  # noqa: E402
+from plora_kernels.bench.common import fmt, markdown_table, unique  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _f(v, spec):
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    try:
-        return format(v, spec)
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def _table(head, body):
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]
-    return "\n".join(lines)
-
-
-def _uniq(seq):
-    out = []
-    for x in seq:
-        if x not in out:
-            out.append(x)
-    return out
-
-
 def _value(t) -> str:
     """A target's value as its record words it (newer records), else the number."""
-    return t.get("value_text") or _f(t.get("value"), ".3f")
+    return t.get("value_text") or fmt(t.get("value"), ".3f")
 
 
 def _met(t) -> str:
@@ -72,6 +52,8 @@ def load_records(results: Path):
     """(records, problems): records are dicts with ``_path``; problems are (file name, reason)."""
     records, problems = [], []
     for path in sorted(results.glob("*.json")):
+        if path.name.startswith("study-"):  # plora study's records: README's "When PLoRA helps", not benchmarks
+            continue
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -108,7 +90,7 @@ def _header(rec, output_dir: Path) -> list[str]:
     lines.append(f"- **versions**: {'; '.join(versions)}")
     if env.get("env"):
         lines.append("- **environment**: " + ", ".join(f"`{k}={v}`" for k, v in env["env"].items()))
-    timer = _uniq(r.get("timer") for r in rec["results"] if r.get("timer"))
+    timer = unique(r.get("timer") for r in rec["results"] if r.get("timer"))
     if cfg.get("static"):  # compiled, not run
         lines.append(f"- **compiled for**: sm_{cfg.get('arch', '?')}, no GPU involved")
     elif "warmup_ms" in cfg:  # the kernel benchmarks: do_bench budgets in milliseconds
@@ -146,10 +128,9 @@ def _contender_legend(rec) -> list[str]:
 def _pieces_table(rows) -> list[str]:
     body = [[str(r["M"]), f"{r['in']} x {r['out']}", str(r["r"]), str(r.get("dtype")),
              str(r.get("adapter_dtype", r.get("dtype"))), r["contender"].removeprefix("piece: "),
-             "error" if r.get("error") else f"{_f(r.get('median_ms'), '.4f')} ({_f(r.get('ratio_to_floor'), '.3f')}x)"]
-            for r in rows]
+             "error" if r.get("error") else _ms_floor(r)] for r in rows]
     return ["**the fused forward's parts** (`--pieces`; ratio to the cuBLAS floor of the same run)", "",
-            _table(["M", "in x out", "r", "x,W", "A,B", "part", "ms (x floor)"], body), ""]
+            markdown_table(["M", "in x out", "r", "x,W", "A,B", "part", "ms (x floor)"], body), ""]
 
 
 def _linear_tables(rec) -> list[str]:
@@ -163,14 +144,14 @@ def _linear_tables_v1(rec) -> list[str]:
     and ours), rendered as they were."""
     pieces = [r for r in rec["results"] if r["contender"].startswith("piece: ")]
     rows = [r for r in rec["results"] if not r["contender"].startswith("piece: ")]
-    contenders = _uniq(r["contender"] for r in rows)
+    contenders = unique(r["contender"] for r in rows)
     labels = {r["contender"]: r.get("label", r["contender"]) for r in rows}
     out = ["*Earlier linear benchmark (schema 1): every tensor, adapters included, in one dtype; `addmm` was the "
            "cuBLAS composition written in the benchmark (the resolver's `torch` implementation is its successor), "
            "`ours` ran `plora_kernels.lora_linear` on the implementation in brackets.*", ""]
-    for mode in _uniq(r["mode"] for r in rows):
+    for mode in unique(r["mode"] for r in rows):
         sub = [r for r in rows if r["mode"] == mode]
-        keys = _uniq((r["M"], r["in"], r["out"], r["r"], r.get("dtype")) for r in sub)
+        keys = unique((r["M"], r["in"], r["out"], r["r"], r.get("dtype")) for r in sub)
         head = ["M", "in x out", "r", "dtype"] + [f"{labels[c]} ms (x floor)" for c in contenders] + \
                [f"{labels[c]} TFLOP/s" for c in contenders if c == "ours"]
         body = []
@@ -182,11 +163,11 @@ def _linear_tables_v1(rec) -> list[str]:
                 if r is None or r.get("median_ms") is None:
                     cells.append("error" if r is not None and r.get("error") else "-")
                 else:
-                    cells.append(f"{_f(r['median_ms'], '.4f')} ({_f(r.get('ratio_to_floor'), '.3f')}x)")
+                    cells.append(f"{fmt(r['median_ms'], '.4f')} ({fmt(r.get('ratio_to_floor'), '.3f')}x)")
             if "ours" in contenders:
-                cells.append(_f(by.get("ours", {}).get("tflops"), ".1f"))
+                cells.append(fmt(by.get("ours", {}).get("tflops"), ".1f"))
             body.append(cells)
-        out += [f"**{mode}**", "", _table(head, body), ""]
+        out += [f"**{mode}**", "", markdown_table(head, body), ""]
     errors = [r for r in rows if r.get("error")]
     for r in errors:
         out.append(f"- error: {r['mode']} M={r['M']} {r['in']}x{r['out']} r={r['r']} {r['contender']}: "
@@ -196,16 +177,20 @@ def _linear_tables_v1(rec) -> list[str]:
     return out + (_pieces_table(pieces) if pieces else [])
 
 
-def _ms_floor(r, extra: str = "") -> str:
-    """A linear row's cell: ms (x floor[, extra]), or skipped / error / -."""
+def _ms(r, note) -> str:
+    """A row's cell: its median ms and, in brackets, ``note(r)``; or skipped, error, or - where there is no row."""
     if r is None:
         return "-"
     if r.get("skipped"):
         return "skipped"
     if r.get("median_ms") is None:
         return "error"
-    inner = f"{_f(r.get('ratio_to_floor'), '.3f')}x" + (f", {extra}" if extra else "")
-    return f"{_f(r['median_ms'], '.4f')} ({inner})"
+    return f"{fmt(r['median_ms'], '.4f')} ({note(r)})"
+
+
+def _ms_floor(r, extra: str = "") -> str:
+    """A linear row's cell: ms (x floor[, extra])."""
+    return _ms(r, lambda r: f"{fmt(r.get('ratio_to_floor'), '.3f')}x" + (f", {extra}" if extra else ""))
 
 
 def _linear_tables_v2(rec) -> list[str]:
@@ -214,7 +199,7 @@ def _linear_tables_v2(rec) -> list[str]:
     pieces = [r for r in rec["results"] if r["contender"].startswith("piece: ")]
     rows = [r for r in rec["results"] if not r["contender"].startswith("piece: ")]
     cfg = rec.get("config", {})
-    impls = [c for c in _uniq(r["contender"] for r in rows if r.get("implementation"))]
+    impls = [c for c in unique(r["contender"] for r in rows if r.get("implementation"))]
     impls = [c for c in cfg.get("implementations") or impls if c in impls] + \
         [c for c in impls if c not in (cfg.get("implementations") or [])]
     cols = [c for c in ("peft", *impls, "default") if any(r["contender"] == c for r in rows)]
@@ -225,10 +210,10 @@ def _linear_tables_v2(rec) -> list[str]:
     def fa(r):
         return r.get("adapter_dtype", r.get("dtype"))
 
-    for mode in _uniq(r["mode"] for r in rows):
-        for dtype, adt in _uniq((r.get("dtype"), fa(r)) for r in rows if r["mode"] == mode):
+    for mode in unique(r["mode"] for r in rows):
+        for dtype, adt in unique((r.get("dtype"), fa(r)) for r in rows if r["mode"] == mode):
             sub = [r for r in rows if r["mode"] == mode and r.get("dtype") == dtype and fa(r) == adt]
-            keys = _uniq((r["M"], r["in"], r["out"], r["r"]) for r in sub)
+            keys = unique((r["M"], r["in"], r["out"], r["r"]) for r in sub)
             head = ["M", "in → out", "r", "floor ms"] + cols + ["default TFLOP/s", "default × peft",
                                                                 "default / best"]
             body = []
@@ -236,7 +221,7 @@ def _linear_tables_v2(rec) -> list[str]:
                 by = {r["contender"]: r for r in sub if (r["M"], r["in"], r["out"], r["r"]) == k}
                 floor = by.get("floor") or {}
                 cells = [str(k[0]), f"{k[1]} → {k[2]}", str(k[3]),
-                         _f(floor.get("median_ms"), ".4f") if floor.get("median_ms") is not None else
+                         fmt(floor.get("median_ms"), ".4f") if floor.get("median_ms") is not None else
                          ("error" if floor.get("error") else "-")]
                 for c in cols:
                     r = by.get(c)
@@ -244,11 +229,11 @@ def _linear_tables_v2(rec) -> list[str]:
                 d = by.get("default") or {}
                 best = d.get("best_implementation")
                 x_peft = d.get("x_vs_peft")
-                cells += [_f(d.get("tflops"), ".1f"), _f(x_peft, ".2f") + ("x" if x_peft is not None else ""),
-                          _f(d.get("ratio_to_best"), ".3f") + (f"x ({best})" if best else "")]
+                cells += [fmt(d.get("tflops"), ".1f"), fmt(x_peft, ".2f") + ("x" if x_peft is not None else ""),
+                          fmt(d.get("ratio_to_best"), ".3f") + (f"x ({best})" if best else "")]
                 body.append(cells)
-            out += [f"**{mode}, x and W {dtype}, A and B {adt}**", "", _table(head, body), ""]
-    notes = _uniq((r["contender"], f"skipped ({r['skipped']})") for r in rows if r.get("skipped"))
+            out += [f"**{mode}, x and W {dtype}, A and B {adt}**", "", markdown_table(head, body), ""]
+    notes = unique((r["contender"], f"skipped ({r['skipped']})") for r in rows if r.get("skipped"))
     notes += [(f"{r['contender']} ({r['mode']} M={r['M']} {r['in']}->{r['out']} r={r['r']} {r.get('dtype')}/{fa(r)})",
                f"error: `{r['error']}`") for r in rows if r.get("error")]
     notes += [(f"{r['contender']} ({r['mode']} M={r['M']} {r['in']}->{r['out']} r={r['r']} {r.get('dtype')}/{fa(r)})",
@@ -263,11 +248,11 @@ def _sweep_table(rows) -> list[str]:
     """Ablation rows of ``--sweep`` (one knob of the raw Triton merge each), one line per variant."""
     body = [[f"{r['out']} x {r['in']}", str(r["r"]), r["dtype"], str(r.get("factor_dtype")),
              r["contender"].removeprefix("sweep "),
-             "error" if r.get("error") else _f(r.get("median_ms"), ".4f"), _f(r.get("pct_copy"), ".1f")]
+             "error" if r.get("error") else fmt(r.get("median_ms"), ".4f"), fmt(r.get("pct_copy"), ".1f")]
             for r in rows]
     return ["**ablations of the raw Triton merge** (`--sweep`: each row changes one knob of "
             "`merge_(tuning=...)`; rounds other than 10 change the random stream, so they only price it)", "",
-            _table(["W (out x in)", "r", "W", "A,B", "variant", "median ms", "% copy"], body), ""]
+            markdown_table(["W (out x in)", "r", "W", "A,B", "variant", "median ms", "% copy"], body), ""]
 
 
 def _unload_tables_v1(rec) -> list[str]:
@@ -275,11 +260,11 @@ def _unload_tables_v1(rec) -> list[str]:
     ``--sweep`` ablations), rendered as they were."""
     sweep = [r for r in rec["results"] if r["contender"].startswith("sweep ")]
     rows = [r for r in rec["results"] if not r["contender"].startswith("sweep ")]
-    contenders = [c for c in _uniq(r["contender"] for r in rows)
+    contenders = [c for c in unique(r["contender"] for r in rows)
                   if any(r["contender"] == c and r.get("median_ms") is not None for r in rows)]
-    skipped = _uniq((r["contender"], r["skipped"]) for r in rows if r.get("skipped"))
+    skipped = unique((r["contender"], r["skipped"]) for r in rows if r.get("skipped"))
     labels = {r["contender"]: r.get("label", r["contender"]) for r in rows}
-    keys = _uniq((r["out"], r["in"], r["r"], r["dtype"], r.get("factor_dtype")) for r in rows)
+    keys = unique((r["out"], r["in"], r["r"], r["dtype"], r.get("factor_dtype")) for r in rows)
     head = ["W (out x in)", "r", "W", "A,B"] + [f"{labels[c]} ms (% copy)" for c in contenders]
     body, mem_body = [], []
     any_mem = any(r.get("peak_extra_bytes") is not None for r in rows)
@@ -292,7 +277,7 @@ def _unload_tables_v1(rec) -> list[str]:
             if r.get("median_ms") is None:
                 cells.append("error" if r.get("error") else "-")
             else:
-                cells.append(f"{_f(r['median_ms'], '.4f')} ({_f(r.get('pct_copy'), '.1f')}%)")
+                cells.append(f"{fmt(r['median_ms'], '.4f')} ({fmt(r.get('pct_copy'), '.1f')}%)")
             peak = r.get("peak_extra_bytes")
             first = r.get("peak_extra_first_bytes")
             m = "-" if peak is None else f"{peak / 2**20:.2f}"
@@ -306,11 +291,11 @@ def _unload_tables_v1(rec) -> list[str]:
            "the raw Triton kernel with a max|W| report; the current engine's rows have other names.*", "",
            "**time and bandwidth** (bytes moved = 2·|W|·itemsize; % of the copy row measured in the same run"
            + (f"; device copy measured at {_span(copy_gbps)} GB/s" if copy_gbps else "")
-           + ")", "", _table(head, body), ""]
+           + ")", "", markdown_table(head, body), ""]
     if any_mem:
         out += ["**peak extra memory, MiB** (max_memory_allocated during one call minus the allocation before "
                 "it; unload_: steady state, and in brackets the first call on a weight)", "",
-                _table(["W (out x in)", "r", "W", "A,B"] + [labels[c] for c in contenders], mem_body), ""]
+                markdown_table(["W (out x in)", "r", "W", "A,B"] + [labels[c] for c in contenders], mem_body), ""]
     for c, why in skipped:
         out.append(f"- {c}: skipped ({why})")
     for r in rows:
@@ -327,13 +312,8 @@ def _unload_tables(rec) -> list[str]:
 
 
 def _ms_pct(r) -> str:
-    if r is None:
-        return "-"
-    if r.get("skipped"):
-        return "skipped"
-    if r.get("median_ms") is None:
-        return "error"
-    return f"{_f(r['median_ms'], '.4f')} ({_f(r.get('pct_copy'), '.1f')}%)"
+    """An unload row's cell: ms (% copy)."""
+    return _ms(r, lambda r: f"{fmt(r.get('pct_copy'), '.1f')}%")
 
 
 def _where(r) -> str:
@@ -348,18 +328,18 @@ def _unload_tables_v2(rec) -> list[str]:
     rows = rec["results"]
     layer = [r for r in rows if r.get("scope", "layer") == "layer"]
     model = [r for r in rows if r.get("scope") == "model"]
-    order = list(rec.get("config", {}).get("contenders") or _uniq(r["contender"] for r in layer))
-    order += [c for c in _uniq(r["contender"] for r in layer) if c not in order]
+    order = list(rec.get("config", {}).get("contenders") or unique(r["contender"] for r in layer))
+    order += [c for c in unique(r["contender"] for r in layer) if c not in order]
     out = ["% copy = the copy row's time over the row's time (the rate at which W is merged, as a share of the "
            "device copy bandwidth of the same run); floor = the least traffic in passes over W (a check reads W: "
            "0.5; `unload_` checks, then writes: 1.5), % floor = the floor's time over the row's time; × peft and "
            "× safe = the peft and peft safe_merge rows' times over the row's time; peak extra = "
            "max_memory_allocated during one call minus the allocation before it (CUDA only).", ""]
-    for cfg in _uniq((r["out"], r["in"], r["r"], r["dtype"]) for r in layer):
+    for cfg in unique((r["out"], r["in"], r["r"], r["dtype"]) for r in layer):
         sub = [r for r in layer if (r["out"], r["in"], r["r"], r["dtype"]) == cfg]
-        fdts = _uniq(r.get("factor_dtype") for r in sub)
+        fdts = unique(r.get("factor_dtype") for r in sub)
         copies = [r for r in sub if r["contender"] == "copy" and r.get("median_ms")]
-        copy_txt = "; ".join(f"{r['median_ms']:.4f} ms = {_f(r.get('gbps'), '.0f')} GB/s in the {r['factor_dtype']}"
+        copy_txt = "; ".join(f"{r['median_ms']:.4f} ms = {fmt(r.get('gbps'), '.0f')} GB/s in the {r['factor_dtype']}"
                              "-factor run" for r in copies)
         head = ["contender", "impl", "floor"]
         for f in fdts:
@@ -370,17 +350,17 @@ def _unload_tables_v2(rec) -> list[str]:
             if not by:
                 continue
             any_row = next(iter(by.values()))
-            impl = _uniq(r.get("impl") for r in by.values() if r.get("impl"))
-            cells = [c, ", ".join(impl) or "-", _f(any_row.get("passes"), "g")]
+            impl = unique(r.get("impl") for r in by.values() if r.get("impl"))
+            cells = [c, ", ".join(impl) or "-", fmt(any_row.get("passes"), "g")]
             for f in fdts:
                 r = by.get(f)
                 peak = None if r is None else r.get("peak_extra_bytes")
                 ratios = "-" if r is None or r.get("x_vs_peft") is None else \
-                    f"{_f(r.get('x_vs_peft'), '.2f')} / {_f(r.get('x_vs_safe_merge'), '.2f')}"
-                cells += [_ms_pct(r), _f(None if r is None else r.get("pct_floor"), ".1f"), ratios, _bytes(peak)]
+                    f"{fmt(r.get('x_vs_peft'), '.2f')} / {fmt(r.get('x_vs_safe_merge'), '.2f')}"
+                cells += [_ms_pct(r), fmt(None if r is None else r.get("pct_floor"), ".1f"), ratios, _bytes(peak)]
             body.append(cells)
         out += [f"**W {cfg[0]} x {cfg[1]}, r={cfg[2]}, {cfg[3]} W** (device copy of W: {copy_txt or 'not measured'})",
-                "", _table(head, body), ""]
+                "", markdown_table(head, body), ""]
     if model:
         m0 = model[0]
         shapes = ", ".join(f"{n}× {o}x{i}" for o, i, n in m0.get("shapes", []))
@@ -393,11 +373,11 @@ def _unload_tables_v2(rec) -> list[str]:
         for r in model:
             body.append([r["contender"], r.get("impl", "-"),
                          "skipped" if r.get("skipped") else "error" if r.get("median_ms") is None else
-                         f"{r['median_ms']:.3f} ({_f(r.get('p20_ms'), '.3f')}–{_f(r.get('p80_ms'), '.3f')})",
-                         _f(r.get("floor_ms"), ".3f"), _f(r.get("pct_floor"), ".1f"),
-                         _f(r.get("pct_of_step"), ".2f"), _bytes(r.get("peak_extra_bytes"))])
-        out += [_table(["contender", "impl", "ms (p20–p80)", "floor ms", "% floor", "% of a step", "peak extra"],
-                       body), ""]
+                         f"{r['median_ms']:.3f} ({fmt(r.get('p20_ms'), '.3f')}–{fmt(r.get('p80_ms'), '.3f')})",
+                         fmt(r.get("floor_ms"), ".3f"), fmt(r.get("pct_floor"), ".1f"),
+                         fmt(r.get("pct_of_step"), ".2f"), _bytes(r.get("peak_extra_bytes"))])
+        out += [markdown_table(["contender", "impl", "ms (p20–p80)", "floor ms", "% floor", "% of a step",
+                                "peak extra"], body), ""]
         train = rec.get("config", {}).get("train_step")
         if train:
             out += [f"% of a step: against the {train['step_ms']:.1f} ms step of {train['contender']} in "
@@ -405,7 +385,7 @@ def _unload_tables_v2(rec) -> list[str]:
                     + " — the fastest PLoRA step of that record.", ""]
         else:
             out += ["% of a step: no `plora bench train` record of this device, model size, rank and dtype.", ""]
-    notes = _uniq((r["contender"], f"skipped ({r['skipped']})") for r in rows if r.get("skipped"))
+    notes = unique((r["contender"], f"skipped ({r['skipped']})") for r in rows if r.get("skipped"))
     notes += [(f"{r['contender']} ({_where(r)})", f"error: `{r['error']}`") for r in rows if r.get("error")]
     notes += [(r["contender"], r["note"]) for r in rows if r.get("note")]
     if notes:
@@ -414,52 +394,18 @@ def _unload_tables_v2(rec) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- joins across records
-def _train_step(train_records, env, size, r, dtype):
-    """The newest train record of this device, model size, rank and dtype, and its fastest PLoRA step."""
-    for rec in train_records:  # newest first
-        e, cfg = rec["environment"], rec.get("config", {})
-        if (e.get("device_type"), e.get("device_name")) != (env.get("device_type"), env.get("device_name")):
-            continue
-        if (cfg.get("size"), cfg.get("r"), cfg.get("dtype")) != (size, r, dtype):
-            continue
-        steps = [(row["median_ms"], row["contender"]) for row in rec["results"]
-                 if str(row.get("contender", "")).startswith("plora") and row.get("status") == "ok"
-                 and row.get("median_ms")]
-        if steps:
-            ms, who = min(steps)
-            return {"record": rec["_path"].name, "timestamp_utc": e.get("timestamp_utc", ""), "step_ms": ms,
-                    "contender": who, "joined": True}
-    return None
-
-
 def join_train(records) -> None:
     """Unload records whose run found no train record get the newest matching one's step (in memory): the model
     rows' share of a step and their targets. The record's own join, when it has one, is kept."""
-    trains = [r for r in records if r.get("benchmark") == "train"]
+    trains = [(rec["_path"].name, rec) for rec in records if rec.get("benchmark") == "train"]
     for rec in records:
-        if rec.get("benchmark") != "unload" or rec.get("schema", 1) < 2:
+        if rec.get("benchmark") != "unload" or rec.get("schema", 1) < 2 or rec.get("config", {}).get("train_step"):
             continue
         model = [r for r in rec["results"] if r.get("scope") == "model"]
-        if not model or rec.get("config", {}).get("train_step"):
-            continue
-        m0 = model[0]
-        train = _train_step(trains, rec["environment"], m0.get("model"), m0.get("r"), m0.get("dtype"))
-        if train is None:
-            continue
-        rec.setdefault("config", {})["train_step"] = train
-        for r in model:
-            if r.get("median_ms"):
-                r["step_ms"] = train["step_ms"]
-                r["pct_of_step"] = 100.0 * r["median_ms"] / train["step_ms"]
-        for t in rec.get("targets", []):
-            row = next((r for r in model if r["contender"] == t.get("contender")), None)
-            if t.get("id") == "model_pct_of_step" and t.get("met") is None and row and row.get("pct_of_step"):
-                goal = t.get("target", "< 3% of a step")
-                limit = float(goal.split("%")[0].lstrip("< ")) if goal.startswith("<") else 3.0
-                t.update(value=row["pct_of_step"], met=row["pct_of_step"] < limit,
-                         value_text=f"{row['pct_of_step']:.2f}% ({row['median_ms']:.3f} ms of a "
-                                    f"{train['step_ms']:.1f} ms {train['contender']} step, {train['record']}; "
-                                    "joined by make_report)")
+        train = model and unload.train_step(trains, rec["environment"], model[0].get("model"), model[0].get("r"),
+                                            model[0].get("dtype"))
+        if train:
+            unload.join_train_step(rec, dict(train, joined=True))
 
 
 # ------------------------------------------------------------------------------------------- generic
@@ -467,10 +413,10 @@ def _generic_tables(rec) -> list[str]:
     rows = [r for r in rec["results"] if isinstance(r, dict)]
     if not rows:
         return ["(no results in this record)", ""]
-    keys = _uniq(k for r in rows for k in r)
-    body = [[_f(r.get(k), ".4g") if isinstance(r.get(k), float) else ("-" if r.get(k) is None else r.get(k))
+    keys = unique(k for r in rows for k in r)
+    body = [[fmt(r.get(k), ".4g") if isinstance(r.get(k), float) else ("-" if r.get(k) is None else r.get(k))
              for k in keys] for r in rows]
-    return [_table(keys, body), ""]
+    return [markdown_table(keys, body), ""]
 
 
 def _kernels_tables(rec) -> list[str]:
@@ -479,11 +425,11 @@ def _kernels_tables(rec) -> list[str]:
             ("stg128", "STG.128", "d"), ("hgmma", "HGMMA", "d"), ("tma_loads", "TMA", "d"),
             ("layout_conversions", "layout cvt", "d")]
     out = []
-    for kernel in _uniq(r["kernel"] for r in rec["results"]):
+    for kernel in unique(r["kernel"] for r in rec["results"]):
         rows = [r for r in rec["results"] if r["kernel"] == kernel]
         body = [[r.get("error") and f"{r['variant']} (error: {r['error']})" or r["variant"]]
-                + [_f(r.get(k), spec) for k, _, spec in cols[1:]] for r in rows]
-        out += [f"**{kernel}**", "", _table([h for _, h, _ in cols], body), ""]
+                + [fmt(r.get(k), spec) for k, _, spec in cols[1:]] for r in rows]
+        out += [f"**{kernel}**", "", markdown_table([h for _, h, _ in cols], body), ""]
     return out
 
 
@@ -521,15 +467,16 @@ def render(records, problems, output_dir: Path) -> str:
         "`plora bench linear`, `plora bench unload` (add `--quick` for the target shapes only) and "
         "`plora bench train`, then rerun the script.",
         "",
-        "Method (DESIGN §5): `triton.testing.do_bench` median with warm-up and the L2 cache flushed before "
+        "Method (docs/design.md §5): `triton.testing.do_bench` median with warm-up and the L2 cache flushed before "
         "each timed call, random data, every contender timed in the same process. Ratios are against "
         "contenders measured in the same run. Targets: the LoRA linear's default (the implementation the resolver "
         "picks) at M=8192, in=out=4096, r=16, bf16: forward ≤ 1.05× the base GEMM (the cuBLAS floor), "
         "forward+backward ≤ 1.08× the floor and ≥ 1.25× faster than PEFT's unfused layer; and on every benchmarked "
         "shape the default no slower than the fastest implementation (within 2%). The unload at 8192×8192, r=16, "
-        "bf16 W (#12): the public guarded `unload_` (check pass + writing pass + reset) ≥ 55% of the device copy bandwidth (its "
-        "floor, 1.5 passes over W, is 66.7%), ≥ 1.5× faster than PEFT's `W += (B @ A * s).to(W.dtype)` and "
-        "≥ 3× faster than PEFT's safe_merge, with no W-sized temporary; the whole-model unload (the 112 targeted "
+        "bf16 W (#12): the public guarded `unload_` (check pass + writing pass + reset) ≥ 55% of the device copy "
+        "bandwidth (its floor, 1.5 passes over W, is 66.7%), ≥ 1.5× faster than PEFT's "
+        "`W += (B @ A * s).to(W.dtype)` and ≥ 3× faster than PEFT's safe_merge, with no W-sized temporary; the "
+        "whole-model unload (the 112 targeted "
         "layers of the 1b config) < 3% of a training step. A training step comes from the newest "
         "`plora bench train` record of the same device, model size, rank and dtype.",
         "",
@@ -547,7 +494,7 @@ def render(records, problems, output_dir: Path) -> str:
                     _met(t)] for name, rec in latest.items() for t in rec.get("targets", [])]
         if summary:
             lines += ["Targets in the latest GPU run of each benchmark:", "",
-                      _table(["benchmark", "device", "measure", "value", "target", ""], summary), ""]
+                      markdown_table(["benchmark", "device", "measure", "value", "target", ""], summary), ""]
         lines += ["The latest GPU run of each benchmark:", ""]
         for rec in latest.values():
             lines += render_record(rec, output_dir)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 import plora_kernels as pk
+from plora_kernels.bench.common import positive_int  # an argparse type: an int >= 1
 from plora_kernels.distributed import unsynced_replicas
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,16 +57,6 @@ def parse_args():
     if not 0.0 <= args.momentum < 1.0:
         p.error(f"argument --momentum: must be in [0, 1), got {args.momentum}")
     return args
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
-    return value
 
 
 def setup(backend: str) -> tuple[int, int, torch.device]:

@@ -275,7 +275,8 @@ _unload_row("rounding-none", ValueError, "rounding", rounding=None)
 _unload_row("generator-int", TypeError, "generator", generator=42)
 _unload_row("generator-str", TypeError, "generator", generator="cpu")
 _unload_row("generator-seeded-list", TypeError, "generator", generator=[0])
-_unload_row("weight-expanded", ValueError, "weight", weight=lambda a: torch.randn(1, IN, generator=_gen(5)).expand(OUT, IN))
+_unload_row("weight-expanded", ValueError, "weight",
+            weight=lambda a: torch.randn(1, IN, generator=_gen(5)).expand(OUT, IN))
 _unload_row("weight-expanded", ValueError, "weight", backend="triton",
             weight=lambda a: torch.randn(1, IN, generator=_gen(5)).expand(OUT, IN))
 _unload_row("weight-as-strided", ValueError, "weight",
@@ -290,7 +291,8 @@ _unload_row("inference-weight", ValueError, ("weight", "inference"), weight=lamb
 _unload_row("inference-lora_B", ValueError, ("lora_B", "inference"), lora_B=lambda a: inference(a["lora_B"]))
 _unload_row("inference-lora_B", ValueError, ("lora_B", "inference"), backend="triton",
             lora_B=lambda a: inference(a["lora_B"]))
-_unload_row("nan-lora_B", ValueError, "lora_B", lora_B=lambda a: a["lora_B"].index_fill(0, torch.tensor([2]), float("nan")))
+_unload_row("nan-lora_B", ValueError, "lora_B",
+            lora_B=lambda a: a["lora_B"].index_fill(0, torch.tensor([2]), float("nan")))
 
 
 def _overflow(args):

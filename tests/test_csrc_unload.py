@@ -20,7 +20,12 @@ from plora_kernels.ops import reference, streams
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 HALF = [torch.float16, torch.bfloat16]
 _BUILD = {}
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+each_rounding = pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+
+
+def gpu(test):
+    """A test of the device kernel: marked gpu, skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -139,7 +144,7 @@ def _wide(M, N, w_dtype):
 
 
 @pytest.mark.parametrize("w_dtype", HALF)
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@each_rounding
 def test_host_rounding_over_the_whole_range(w_dtype, rounding):
     """The bit-level RNE and the integer stochastic rounding are reference.round_to, bit for bit, from
     subnormals to overflow (NaN compared as NaN)."""
@@ -158,7 +163,7 @@ def test_host_rounding_over_the_whole_range(w_dtype, rounding):
 def _crafted_fp32(dtype: torch.dtype) -> torch.Tensor:
     """fp32 values that hit every branch of a conversion into ``dtype``: random bit patterns over the whole
     range (fp32 subnormals included), exact ties and their neighbours (fp16: every subnormal tie), the largest
-    finite, inf, and NaNs whose payload a stochastic carry would push into the sign bit."""
+    finite, inf, NaNs whose payload a stochastic carry would push into the sign bit, and both zeros."""
     g = torch.Generator().manual_seed(7)
     rand = torch.randint(0, 2**31, (6000,), generator=g, dtype=torch.int64)
     if dtype == torch.float16:  # mostly fp16's range: exponents 2^-26 .. 2^17
@@ -172,20 +177,17 @@ def _crafted_fp32(dtype: torch.dtype) -> torch.Tensor:
     tied = ties.view(torch.int32).to(torch.int64)
     edges = torch.tensor([0x7F7FFFFF, 0x00000001, 0x7F800000, 0x7FFFFFFF, 0x7FFF0001, 0x7F800001])
     bits = torch.cat([rand, tied, tied + 1, tied - 1, edges])
-    bits = bits[(bits & 0x7FFFFFFF) != 0]  # no zeros: see test_host_conversions_match_torch
     signs = torch.randint(0, 2, bits.shape, generator=g) << 31
-    return ((bits | signs) - ((signs >> 31) << 32)).to(torch.int32).view(torch.float32)
+    values = ((bits | signs) - ((signs >> 31) << 32)).to(torch.int32).view(torch.float32)
+    return torch.cat([values, torch.tensor([0.0, -0.0])])
 
 
 @pytest.mark.parametrize("w_dtype", HALF)
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@each_rounding
 def test_host_conversions_match_torch(w_dtype, rounding):
-    """v = -0 + 1 * a[j] is a[j] itself: the host loop's rounding of crafted fp32 values is reference.round_to
-    (torch's RNE, or round_stochastic), bit for bit; and every fp16/bf16 pattern read as a factor is exact.
-
-    Zero factors are left out: the kernels sum B A from +0 (0 + b a), the reference from its first product, so
-    they differ in the sign of an exact zero where W is -0 too (test_host_matches_triton_interpreter pins the
-    kernels' form)."""
+    """v = -0 + (+0 + 1 * a[j]) is a[j] itself but for a zero, which gives +0 (the kernels and the reference sum
+    B A from +0): the host loop's rounding of crafted fp32 values is reference.round_to (torch's RNE, or
+    round_stochastic), bit for bit; and every fp16/bf16 pattern read as a factor is exact."""
     _need_lib()
     values = _crafted_fp32(w_dtype)
     W = torch.full((1, values.numel()), -0.0, dtype=w_dtype)
@@ -196,7 +198,7 @@ def test_host_conversions_match_torch(w_dtype, rounding):
     assert torch.equal(torch.isnan(new), nan) and _bits_equal(new[~nan], want[~nan])
     # every 16-bit pattern as lora_A into an fp32 W: the load is exact (NaN compared as NaN)
     patterns = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(w_dtype)[None, :]
-    patterns = patterns[patterns != 0][None, :]
+    patterns = patterns[patterns != 0][None, :]  # compared with a itself: a zero factor would give +0
     W32 = torch.full((1, patterns.numel()), -0.0)
     new, _ = _host(W32, patterns, torch.ones(1, 1, dtype=w_dtype), 1.0, "nearest", 0)
     want = patterns.float()
@@ -350,7 +352,7 @@ def test_host_matches_triton_interpreter_bit_for_bit(tmp_path):
 
 # (d) the check pass, the edge of fp16, the stream's statistics, bad arguments --------------------------------
 @pytest.mark.parametrize("w_dtype", HALF)
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@each_rounding
 def test_check_pass_writes_nothing_and_flags_non_finite(w_dtype, rounding):
     _need_lib()
     W, A, B = _data(33, 70, 4, w_dtype, torch.float32)
@@ -473,10 +475,9 @@ def _device_and_host(W, A, B, coef, rounding, seed, row_offset=0):
     return host, _flag(flag), host_flag, allocated
 
 
-@pytest.mark.gpu
-@needs_cuda
+@gpu
 @pytest.mark.parametrize("w_dtype", DTYPES)
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@each_rounding
 @pytest.mark.parametrize("factors", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)])
 def test_cuda_kernel_matches_host(w_dtype, rounding, factors):
     """More tiles than the grid (the grid-stride loop), a ragged last column tile, r above one KC chunk."""
@@ -491,8 +492,7 @@ def test_cuda_kernel_matches_host(w_dtype, rounding, factors):
         assert not _bits_equal(mine, W)
 
 
-@pytest.mark.gpu
-@needs_cuda
+@gpu
 @pytest.mark.parametrize("w_dtype", DTYPES)
 def test_cuda_kernel_ragged_misaligned_strided(w_dtype):
     _need_lib()
@@ -513,10 +513,9 @@ def test_cuda_kernel_ragged_misaligned_strided(w_dtype):
         assert _bits_equal(shard, host[start:stop]), (start, stop)
 
 
-@pytest.mark.gpu
-@needs_cuda
+@gpu
 @pytest.mark.parametrize("w_dtype", HALF)
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@each_rounding
 def test_cuda_kernel_check_pass_flags(w_dtype, rounding):
     _need_lib()
     W, A, B = _data(1000, 1536, 8, w_dtype, torch.float32, device="cuda")
@@ -539,10 +538,9 @@ def test_cuda_kernel_check_pass_flags(w_dtype, rounding):
         assert host == 1, name
 
 
-@pytest.mark.gpu
-@needs_cuda
+@gpu
 @pytest.mark.parametrize("w_dtype", DTYPES)
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@each_rounding
 def test_cuda_kernel_matches_triton_kernel(w_dtype, rounding):
     """Bit for bit with the Triton kernel on its rank-1 path (r < 16; launched without FMA contraction)."""
     _need_lib()
@@ -558,9 +556,8 @@ def test_cuda_kernel_matches_triton_kernel(w_dtype, rounding):
         assert not _bits_equal(mine, W)
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@gpu
+@each_rounding
 def test_unload_through_the_cuda_twin_equals_triton(monkeypatch, rounding):
     """PLORA_UNLOAD_KERNEL=cuda routes plora_kernels.unload_ through csrc/ with the same result, bit for bit,
     and refuses the same overflow leaving W, A and B as they were."""

@@ -67,8 +67,8 @@ SM80 = [("bf16", "fp32", 16, "stochastic"), ("bf16", "bf16", 16, "nearest"), ("f
         ("bf16", "fp32", 8, "nearest"), ("fp32", "fp32", 16, "nearest"), ("fp64", "fp64", 4, "nearest")]
 
 # the warp-specialised GEMM as the forward (B = W^T, L = lora_B^T, with a bias) and dx (B = W, L = lora_A) launch it
-WS_VARIANTS = {"forward": dict(x="bf16", lora=True, bias=True, b_nk=True, l_nk=True),
-               "dx": dict(x="bf16", lora=True, bias=False, b_nk=False, l_nk=False)}
+WS_VARIANTS = {"forward": dict(x="bf16", lora=True, bias=True, b_nk=True, up_nk=True),
+               "dx": dict(x="bf16", lora=True, bias=False, b_nk=False, up_nk=False)}
 SM90_SHARED_PER_BLOCK = 227 * 1024  # the opt-in maximum of dynamic shared memory per block
 
 SCRIPT = textwrap.dedent(r'''
@@ -83,7 +83,7 @@ SCRIPT = textwrap.dedent(r'''
 
     KEEP = ("registers", "stack_bytes", "local_bytes", "spill_stores", "spill_loads", "shared_bytes",
             "blocks_per_sm", "blocks_limited_by", "float_atomics", "int_atomics", "loop_atomics", "membar",
-            "sass_per_element", "loop_instructions", "inner_loops", "instructions", "tma_loads", "hgmma",
+            "sass_per_element", "loop_instructions", "inner_loops", "instructions", "tma_loads", "hgmma", "hmma",
             "ldg128", "stg128", "warp_specialized", "warpgroups", "setmaxnreg_inc", "setmaxnreg_dec",
             "tma_stores")
 
@@ -109,6 +109,8 @@ SCRIPT = textwrap.dedent(r'''
                 got = aot.resources(aot.compile_lora_matmul_tma(**kw), 8)
             elif kind == "ws":
                 got = aot.lora_matmul_ws_resources(**kw)
+            elif kind == "dy_pass":
+                got = aot.resources(aot.compile_lora_dy_pass(**kw))
             else:
                 kernel = aot._compile(_atomics_probe, dict(x_ptr="*fp32", f_ptr="*fp32", i_ptr="*i32"), {},
                                       unit=(), divisible=("x_ptr", "f_ptr", "i_ptr"), arch=90, num_warps=4)
@@ -145,6 +147,7 @@ def _specs():
     for lora, b_nk in ((True, True), (False, False)):  # TMA is Hopper's: both orientations of B
         specs.append(("tma", dict(lora=lora, b_nk=b_nk, arch=90)))
     specs += [("ws", kw) for kw in WS_VARIANTS.values()]
+    specs += [("dy_pass", kw) for kw in DY_PASS_VARIANTS]
     specs.append(("probe", {}))
     return specs
 
@@ -266,3 +269,19 @@ def test_ws_gemm_is_warp_specialized(compiled, name):
     assert got["tma_loads"] > 0 and got["tma_stores"] > 0 and got["hgmma"] > 0, got
     assert got["stack_bytes"] == 0 and got["spill_stores"] == 0 and got["spill_loads"] == 0, got
     assert got["shared_bytes"] <= SM90_SHARED_PER_BLOCK, got
+
+
+DY_PASS_VARIANTS = [dict(dy="bf16", adapters="fp32", r=16, arch=90), dict(dy="bf16", adapters="bf16", r=64, arch=90),
+                    dict(dy="fp32", adapters="fp32", r=16, arch=90), dict(dy="fp16", adapters="fp32", r=64, arch=80)]
+
+
+@pytest.mark.parametrize("kw", DY_PASS_VARIANTS, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_dy_pass_sm90_static(compiled, kw):
+    """The one pass over dy: both products on the tensor cores (wgmma on sm_90), deterministic (no atomics at
+    all: partial sums, not reductions into memory), no spills up to its largest rank (MAX_RANK = 64)."""
+    got = _get(compiled, "dy_pass", **kw)
+    assert "error" not in got, got["error"]
+    assert got["stack_bytes"] == 0 and got["spill_stores"] == 0 and got["spill_loads"] == 0, got
+    assert got["float_atomics"] == 0 and got["int_atomics"] == 0, got
+    if kw["dy"] != "fp32":
+        assert got["hgmma" if kw["arch"] == 90 else "hmma"] > 0, got

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from conftest import DEVICE, _triton_runnable, poison_
+from helpers import DEVICE, poison_, triton_runnable
 from plora_kernels import lora_linear
 from plora_kernels.ops import reference, streams
 
@@ -60,7 +60,7 @@ def test_keep_rate_and_unbiased_expectation():
 def test_triton_kernels_draw_the_reference_mask_bit_for_bit(where):
     """Each place the Triton GEMM applies the mask (on operand a, on operand b, on the low-rank term) reproduces
     reference.dropped exactly: multiplying by an identity (or a K = 0 product) leaves only the masked values."""
-    if not _triton_runnable():
+    if not triton_runnable():
         pytest.skip("Triton is not runnable here")
     from plora_kernels.ops.triton.lora_matmul import lora_matmul
 
@@ -74,8 +74,8 @@ def test_triton_kernels_draw_the_reference_mask_bit_for_bit(where):
         got = lora_matmul(torch.eye(70, device=DEVICE), x, out=poison_(torch.empty(70, 133, device=DEVICE)),
                           dropout=(2, p, seed))
     else:  # no K loop: the low-rank term x @ I alone
-        got = lora_matmul(torch.empty(70, 0, device=DEVICE), torch.empty(0, 133, device=DEVICE), lora_s=x,
-                          lora_l=torch.eye(133, device=DEVICE), out=poison_(torch.empty(70, 133, device=DEVICE)),
+        got = lora_matmul(torch.empty(70, 0, device=DEVICE), torch.empty(0, 133, device=DEVICE), lora_act=x,
+                          lora_up=torch.eye(133, device=DEVICE), out=poison_(torch.empty(70, 133, device=DEVICE)),
                           dropout=(3, p, seed))
     assert torch.equal(got, want)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DEVICE, LINEAR_TOL as TOL, poison_, rel_err
+from helpers import DEVICE, LINEAR_TOL as TOL, poison_, rel_err, triton_runnable
 from plora_kernels import lora_linear
 from plora_kernels.ops import reference
 
@@ -105,9 +105,7 @@ def test_gradcheck_float64():
 
 def test_kernel_writes_every_output_element():
     """The fused GEMM on a NaN-poisoned destination: every element must be overwritten."""
-    from conftest import _triton_runnable
-
-    if not _triton_runnable():
+    if not triton_runnable():
         pytest.skip("Triton is not runnable here")
     from plora_kernels.ops.triton.lora_matmul import lora_matmul
 
@@ -117,7 +115,7 @@ def test_kernel_writes_every_output_element():
     B = torch.randn(77, 3, device=DEVICE)
     xa = reference.lora_linear_forward(x, W, A, B, 1.0)[1]
     out = poison_(torch.empty(37, 77, device=DEVICE))
-    lora_matmul(x, W.t(), lora_s=xa, lora_l=B.t(), scaling=0.3, out=out)
+    lora_matmul(x, W.t(), lora_act=xa, lora_up=B.t(), scaling=0.3, out=out)
     want = x.double() @ W.double().T + 0.3 * xa.double() @ B.double().T
     assert not out.isnan().any()
     assert rel_err(out, want) < TOL[torch.float32]
@@ -183,9 +181,8 @@ def test_autocast_runs_in_the_autocast_dtype(backend):
 def test_linear_kernel_choice(monkeypatch):
     """PLORA_LINEAR_KERNEL=torch keeps lora_linear off the Triton kernel (unload_ unaffected); bad names raise."""
     import plora_kernels.ops.triton.lora_matmul as kernel_module
-    from conftest import _triton_runnable
 
-    if not _triton_runnable():
+    if not triton_runnable():
         pytest.skip("Triton is not runnable here")
     monkeypatch.setenv("PLORA_BACKEND", "triton")
     monkeypatch.setenv("PLORA_LINEAR_KERNEL", "torch")
@@ -206,21 +203,22 @@ def test_linear_kernel_choice(monkeypatch):
 def test_the_backward_runs_what_the_forward_chose(monkeypatch):
     """The implementation is resolved once, on the caller's thread, and travels with the graph: on CUDA the
     backward runs on autograd's device thread, which does not see a choice made in code around the forward."""
-    from conftest import _triton_runnable
-
     import plora_kernels as pk
     from plora_kernels.ops.triton import lora_matmul as lm
 
-    if not _triton_runnable():
+    if not triton_runnable():
         pytest.skip("Triton is not runnable here")
+    from plora_kernels.ops.triton import lora_dy_pass as dp
+
     calls = []
-    original = lm.lora_matmul
+    original, original_dy_pass = lm.lora_matmul, dp.lora_dy_pass
     monkeypatch.setattr(lm, "lora_matmul", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(dp, "lora_dy_pass", lambda *a, **k: calls.append(2) or original_dy_pass(*a, **k))
     x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
     W, A, B = (torch.randn(*s, device=DEVICE) for s in ((8, 16), (2, 16), (8, 2)))
     A.requires_grad_()
     with pk.implementation(lora_linear="triton"):
         y = pk.lora_linear(x, W, A, B, 0.5)
-    assert len(calls) == 2  # x A^T and the fused GEMM
+    assert calls == [1, 1]  # x A^T and the fused GEMM
     y.sum().backward()  # outside the block: still the forward's choice
-    assert len(calls) == 4  # dy B and the fused dx GEMM
+    assert calls == [1, 1, 2, 1]  # the one pass over dy (g, dB), then the fused dx GEMM

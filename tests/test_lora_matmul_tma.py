@@ -3,7 +3,7 @@ lora_linear where it takes the shapes, and the fall-back to the portable kernel 
 import pytest
 import torch
 
-from conftest import DEVICE, LINEAR_TOL as TOL, _triton_runnable, poison_, rel_err
+from helpers import DEVICE, LINEAR_TOL as TOL, poison_, rel_err, triton_runnable
 from plora_kernels import lora_linear
 from plora_kernels.ops.triton import lora_matmul_tma
 
@@ -11,7 +11,7 @@ from plora_kernels.ops.triton import lora_matmul_tma
 @pytest.fixture
 def tma(monkeypatch):
     """Run on the TMA kernel and count its launches."""
-    if not _triton_runnable():
+    if not triton_runnable():
         pytest.skip("Triton is not runnable here")
     if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs sm_90 or newer")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE
+from helpers import DEVICE
 from plora_kernels import PLoRALinear, apply_plora, merge_plora, plora_layers, unload_all_
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, overflow_fp16_
+from helpers import DEVICE, overflow_fp16_, triton_runnable
 from plora_kernels import lora_linear, unload_
 from plora_kernels.ops import reference
 
@@ -162,9 +162,7 @@ def test_triton_path_allocates_no_weight_sized_tensor(monkeypatch):
     """No torch op during a kernel-path unload makes anything bigger than a factor (r x in, out x r)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from conftest import _triton_runnable
-
-    if not _triton_runnable():
+    if not triton_runnable():
         pytest.skip("Triton is not runnable here")
     monkeypatch.setenv("PLORA_BACKEND", "triton")
     W, A, B = _factors(256, 384, 16, torch.bfloat16, torch.float32)
@@ -287,9 +285,7 @@ def test_fp64_factors_on_a_lower_precision_weight(backend, w_dtype):
 
 def test_reference_and_kernel_draw_the_same_numbers(monkeypatch):
     """The same generator state gives the same W (stochastic) and the same fresh A on every backend."""
-    from conftest import _triton_runnable
-
-    if not _triton_runnable():
+    if not triton_runnable():
         pytest.skip("Triton is not runnable here")
     W, A, B = _factors(37, 72, 5, torch.bfloat16, torch.float32)
     out = {}

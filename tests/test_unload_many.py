@@ -3,7 +3,7 @@ one host read for any number of layers on the kernel path, and no layer changed 
 import pytest
 import torch
 
-from conftest import DEVICE, _triton_runnable, overflow_fp16_
+from helpers import DEVICE, overflow_fp16_, triton_runnable
 from plora_kernels import unload_
 from plora_kernels.ops.unload import UnloadSpec, unload_many_
 
@@ -108,7 +108,7 @@ def _count_launches(monkeypatch):
 def test_a_model_unload_is_a_few_launches_and_one_host_read(monkeypatch, n_layers):
     """However many layers: one host read (the check pass's flag), three Triton launches (check, write, the
     fresh A's) and a fixed number of small torch ops (tables, the flag, B's multi-tensor reset)."""
-    if not _triton_runnable():
+    if not triton_runnable():
         pytest.skip("Triton is not runnable here")
     monkeypatch.setenv("PLORA_BACKEND", "triton")
     layers = _layers([(8, 16, 4, torch.bfloat16, torch.float32, 0.0, "stochastic")] * n_layers)
@@ -127,7 +127,7 @@ def test_a_model_unload_is_a_few_launches_and_one_host_read(monkeypatch, n_layer
 
 @pytest.mark.parametrize("what", ["overflow", "nan_B"])
 def test_an_error_in_one_layer_changes_no_layer(monkeypatch, what):
-    if not _triton_runnable():
+    if not triton_runnable():
         pytest.skip("Triton is not runnable here")
     monkeypatch.setenv("PLORA_BACKEND", "triton")
     layers = _layers([(40, 70, 4, torch.float16, torch.float32, 0.0, "stochastic")] * 4)

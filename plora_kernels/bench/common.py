@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks: timing, environment record, JSON/PNG output, tables.
 
-Timing follows DESIGN §5: ``triton.testing.do_bench`` (median with the 20th/80th percentiles, a warm-up,
+Timing follows docs/design.md §5: ``triton.testing.do_bench`` (median with the 20th/80th percentiles, a warm-up,
 L2 flushed before every timed run) on CUDA, every contender in the same process. Without a GPU a
 ``time.perf_counter`` loop stands in, with the same warm-up/median rule; its numbers time the pure-torch
 reference path on the CPU and say nothing about the kernels.
@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -67,26 +68,25 @@ def parse_ints(text) -> list[int]:
 # ------------------------------------------------------------------------------------- argument checks
 # argparse ``type=`` functions: a bad value is refused by argparse itself, naming the flag
 # ("<prog>: error: argument --rep-ms: must be a positive number, got '-1'"), with exit status 2.
+def argument(text: str, convert: Callable[[str], object], ok: Callable[[object], bool], what: str):
+    """``convert(text)`` if that succeeds and ``ok`` holds for it, else argparse's refusal: "must be <what>"."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A time budget in ms and the like: finite and > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+    return argument(text, float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
 def positive_int(text: str) -> int:
     """A count (steps, a rank, a size): an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+    return argument(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def positive_ints(text: str) -> list[int]:
@@ -168,8 +168,10 @@ class Timing:
         return asdict(self)
 
 
-def _cpu_bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float, min_reps: int = 5,
-               max_reps: int = 10_000) -> Timing:
+def cpu_bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float, min_reps: int = 5,
+              max_reps: int = 10_000) -> Timing:
+    """:func:`bench` on the CPU: one untimed call, calls for ``warmup_ms``, then timed calls for ``rep_ms`` (at
+    least ``min_reps``, at most ``max_reps``)."""
     fn()  # first call: lazy init, allocator, autotune
     start = time.perf_counter()
     while (time.perf_counter() - start) * 1e3 < warmup_ms:
@@ -180,11 +182,11 @@ def _cpu_bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float, min_re
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = _quantiles(times, (0.5, 0.2, 0.8))
+    q = quantiles(times, (0.5, 0.2, 0.8))
     return Timing(q[0], q[1], q[2], "perf_counter")
 
 
-def _quantiles(times: Sequence[float], qs: Iterable[float]) -> list[float]:
+def quantiles(times: Sequence[float], qs: Iterable[float]) -> list[float]:
     """Linear-interpolation quantiles (as torch.quantile, which do_bench uses)."""
     xs = sorted(times)
     out = []
@@ -200,7 +202,7 @@ def bench(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 
     """Median time of ``fn`` in ms (with p20/p80). CUDA: triton.testing.do_bench after one explicit warm-up
     call (which also runs any autotuning); CPU: a perf_counter loop with the same warm-up rule."""
     if device.type != "cuda":
-        return _cpu_bench(fn, warmup_ms, rep_ms)
+        return cpu_bench(fn, warmup_ms, rep_ms)
     import triton.testing
 
     fn()  # compile / autotune outside the timed region
@@ -217,15 +219,10 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     Measured on a single call outside any timing loop (do_bench allocates its own L2-flush buffer)."""
     if device.type != "cuda":
         return None
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    result = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
+    with PeakMemory(device) as mem:
+        result = fn()
     del result
-    return int(peak)
+    return mem.peak_bytes
 
 
 def backend_label(t: torch.Tensor, op: str = "lora_linear", size: int | None = None) -> str:
@@ -238,6 +235,152 @@ def backend_label(t: torch.Tensor, op: str = "lora_linear", size: int | None = N
     except Exception as exc:  # noqa: BLE001 - an implementation asked for that cannot run here
         return f"error: {exc}"
     return f"{name} (interpreter)" if name != "torch" and interpreting() and t.device.type == "cpu" else name
+
+
+# ----------------------------------------------------------------------------------------- peak memory
+class PeakMemory:
+    """Peak memory of what runs between :meth:`start` and :meth:`stop` (or inside ``with``), above what was
+    allocated at the start; ``peak_bytes`` holds it after the stop (None where nothing could be measured) and
+    ``kind`` says how it was measured.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, exact). On CPU torch keeps no allocator statistics.
+    With ``profile_steps`` > 0 the first that many steps (each ended by :meth:`step_done`) run under
+    ``torch.profiler`` with memory profiling, and the peak of the tensor bytes it saw allocated minus freed is
+    reported. Otherwise, or where the profiler is unavailable, the growth of the process's peak RSS (VmHWM, reset
+    through ``/proc/self/clear_refs``; coarse: pages, and memory the allocator kept from earlier work is reused
+    without raising RSS, so it can under-count), or failing that of ``ru_maxrss`` (a coarse lower bound)."""
+
+    def __init__(self, device: torch.device, profile_steps: int = 0):
+        self.device, self.profile_steps = device, profile_steps
+        self.peak_bytes: int | None = None
+        self.kind: str | None = None
+        self._base = None
+        self._steps = 0
+        self._prof = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.stop()
+        return False
+
+    def start(self) -> None:
+        free_memory(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.kind = "torch.cuda.max_memory_allocated above the start"
+        elif self.profile_steps > 0 and self._start_profile():
+            self.kind = f"peak tensor bytes allocated in the first {self.profile_steps} steps (torch.profiler)"
+        else:
+            self._start_rss()
+
+    def step_done(self) -> None:
+        """One step has ended: the profiler stops after ``profile_steps`` of them."""
+        self._steps += 1
+        if self._prof is not None and self._steps == self.profile_steps:
+            self._finish_profile()
+
+    def stop(self) -> int | None:
+        """Read the peak (``peak_bytes``, also returned)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - self._base)
+        elif self._prof is not None:  # fewer steps than profile_steps
+            self._finish_profile()
+        elif self.kind is not None and self.kind.startswith("peak RSS"):
+            peak = _proc_status_kib("VmHWM")
+            self.peak_bytes = None if peak is None else max(0, peak - self._base) * 1024
+        elif self.kind is not None and self.kind.startswith("ru_maxrss"):
+            self.peak_bytes = max(0, _ru_maxrss_kib() - self._base) * 1024
+        return self.peak_bytes
+
+    def _start_profile(self) -> bool:
+        try:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            with _quiet_stderr():  # kineto logs profiler_start/stop lines to fd 2
+                self._prof.start()
+        except Exception:  # noqa: BLE001 - profiler unavailable: the caller falls back to RSS
+            self._prof = None
+        return self._prof is not None
+
+    def _finish_profile(self) -> None:
+        prof, self._prof = self._prof, None
+        with _quiet_stderr():
+            prof.stop()
+        try:
+            # every allocation (+) and free (-) the profiler saw, in time order
+            events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+            events.sort(key=lambda e: e.start_ns())
+            live = peak = 0
+            for e in events:
+                live += e.nbytes()
+                peak = max(peak, live)
+            self.peak_bytes = peak
+        except Exception:  # noqa: BLE001 - profiler internals changed: report nothing rather than guess
+            self.peak_bytes, self.kind = None, "unavailable"
+
+    def _start_rss(self) -> None:
+        try:  # hand memory freed by earlier work back to the OS (glibc), so that reusing it counts as growth
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the measurement may under-count, as documented
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self._base = _proc_status_kib("VmRSS") if _proc_status_kib("VmHWM") is not None else None
+        except OSError:
+            self._base = None
+        if self._base is not None:
+            self.kind = "peak RSS growth of the process (coarse)"
+        else:
+            self._base = _ru_maxrss_kib()
+            self.kind = "ru_maxrss growth of the process (coarse lower bound)"
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _ru_maxrss_kib() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (C-level logging) for a moment; a no-op where fd 2 cannot be swapped."""
+    saved = None
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 # ---------------------------------------------------------------------------------------- environment
@@ -359,21 +502,43 @@ def save_record(stem: Path, payload: dict, rows: Sequence[dict], png: Path | Non
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (a time limit's kill) raises KeyboardInterrupt, as SIGINT does, so that a benchmark's loop can save
-    the rows so far (``"complete": false``) before it exits."""
+def interruptible(prog: str, rows: list, notes: list):
+    """Run the ``with`` body, SIGTERM (a time limit's kill) raising KeyboardInterrupt as SIGINT does. An interrupt
+    ends the body quietly: it is noted in ``notes`` and said on stderr, and the yielded state's ``interrupted``
+    turns True, so that the benchmark saves the rows measured so far (``"complete": false``) and exits 130."""
+    state = types.SimpleNamespace(interrupted=False)
+
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     try:
         old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
+    except ValueError:  # not the main thread: SIGINT only
+        old = handler
     try:
-        yield
+        yield state
+    except KeyboardInterrupt as exc:
+        state.interrupted = True
+        why = str(exc) or "SIGINT"
+        notes.append(f"INTERRUPTED ({why}) after {len(rows)} rows: the run is incomplete")
+        print(f"{prog}: interrupted ({why}); saving the {len(rows)} rows so far", file=sys.stderr, flush=True)
     finally:
-        signal.signal(signal.SIGTERM, old)
+        if old is not handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+def finish_run(stem: Path | None, payload: dict, rows: Sequence[dict], plot: Callable[[Path], Path | None],
+               interrupted: bool) -> int:
+    """The end of a kernel benchmark: unless ``stem`` is None (--no-save), the plot ``plot(png path)`` and the
+    record, said where; the exit status: 130 when interrupted, 1 when a row failed, else 0."""
+    if stem is not None:
+        png = None
+        with contextlib.suppress(Exception):  # a plot must not lose the record
+            png = plot(stem.with_suffix(".png"))
+        save_record(stem, payload, rows, png)
+    if interrupted:
+        return 130
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def parse_shapes(texts: Sequence | None, arity: int, form: str) -> list[tuple[int, ...]] | None:
@@ -406,14 +571,10 @@ def fmt(value, spec: str = "") -> str:
         return str(value)
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]], *, markdown: bool = False) -> str:
-    """Render ``rows`` (dicts) with ``columns`` = [(key, header, format spec)] as aligned text or markdown."""
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Render ``rows`` (dicts) with ``columns`` = [(key, header, format spec)] as aligned text."""
     head = [h for _, h, _ in columns]
     body = [[fmt(r.get(k), spec) for k, _, spec in columns] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-        return "\n".join(lines)
     widths = [max([len(h)] + [len(row[i]) for row in body]) for i, h in enumerate(head)]
     numeric = [all(_looks_numeric(row[i]) for row in body) and body for i in range(len(head))]
 
@@ -421,6 +582,13 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]], 
         return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
 
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(row) for row in body])
+
+
+def markdown_table(head: Sequence[str], body: Sequence[Sequence]) -> str:
+    """A markdown table of the header cells ``head`` and the rows of cells ``body`` ("|" in a cell escaped)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
 
 
 def _looks_numeric(s: str) -> bool:

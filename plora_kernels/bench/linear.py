@@ -13,9 +13,10 @@ dA and dB, no dW). Contenders, all timed in the same process on the same tensors
   default        ``plora_kernels.lora_linear`` with no choice: what the resolver picks (the measured default on a
                  GPU); the row is labelled with, and records, the implementation it resolved to
 
-``--pieces`` (Triton) adds forward rows timing the fused forward's parts alone: the Triton GEMM without the
+``--pieces`` (Triton) adds rows timing the fused forward's parts alone: the Triton GEMM without the
 low-rank term (against the floor: how far the GEMM itself is from cuBLAS), the fused GEMM given a precomputed xa,
-and xa = x @ A.T by Triton and by cuBLAS, for the portable and the TMA kernel.
+and xa = x @ A.T by Triton and by cuBLAS, for the portable and the TMA kernel; and the backward's two skinny
+products (g = dy @ B, dB = s dy^T xa) in the Triton pass that reads dy once against two cuBLAS GEMMs.
 
 Shapes (a full run on a GPU): M in {2048, 8192} x the Llama-7B projections (in -> out: 4096 -> 4096,
 4096 -> 11008, 11008 -> 4096) x r in {16, 64} x x/W in bf16 and fp16 x adapters A, B in fp32 (PEFT's default,
@@ -272,15 +273,20 @@ PIECES = {
     "piece: cuBLAS xa=x@A.T": "the same product by cuBLAS (A cast to x's dtype, as the torch implementation does)",
     "piece: triton-tma x@W.T": "the TMA/persistent GEMM alone",
     "piece: triton-tma x@W.T + s*xa@B.T": "the TMA/persistent fused GEMM given xa",
+    "piece: triton dy pass (g, dB)": "the backward's skinny products g = dy@B, dB = s*dy.T@xa in one read of dy",
+    "piece: cuBLAS g=dy@B, dB=dy.T@xa": "the same two products as two cuBLAS GEMMs (two reads of dy)",
 }
 
 
 def piece_fns(M, k_in, n_out, r, dtype, device, adapter_dtype=None, scaling=SCALING, runnable_impls=()) -> dict:
     """name -> forward callable for the PIECES whose kernel runs here (``runnable_impls``), on the same tensors."""
+    from ..ops import reference
+    from ..ops.triton.lora_dy_pass import lora_dy_pass
     from ..ops.triton.lora_matmul import lora_matmul
 
     x, weight, lora_A, lora_B, _ = make_tensors(M, k_in, n_out, r, dtype, device, adapter_dtype)
     xa = x @ lora_A.to(x.dtype).t()
+    dy = torch.randn(M, n_out, device=device, dtype=dtype)
     out = {}
     for impl, tma in (("triton", False), ("triton-tma", True)):
         if impl not in runnable_impls:
@@ -288,11 +294,14 @@ def piece_fns(M, k_in, n_out, r, dtype, device, adapter_dtype=None, scaling=SCAL
         out.update({
             f"piece: {impl} x@W.T": lambda tma=tma: lora_matmul(x, weight.t(), tma=tma),
             f"piece: {impl} x@W.T + s*xa@B.T": lambda tma=tma: lora_matmul(
-                x, weight.t(), lora_s=xa, lora_l=lora_B.t(), scaling=scaling, tma=tma),
+                x, weight.t(), lora_act=xa, lora_up=lora_B.t(), scaling=scaling, tma=tma),
         })
         if impl == "triton":
             out["piece: triton xa=x@A.T"] = lambda: lora_matmul(x, lora_A.t(), tma=False)
             out["piece: cuBLAS xa=x@A.T"] = lambda: x @ lora_A.to(x.dtype).t()
+            out["piece: triton dy pass (g, dB)"] = lambda: lora_dy_pass(dy, lora_B, xa, scaling)
+            out["piece: cuBLAS g=dy@B, dB=dy.T@xa"] = lambda: (
+                dy @ lora_B.to(dy.dtype), reference.lora_grad_B(dy, xa, lora_B, scaling))
     return {name: _wrap("fwd", fn) for name, fn in out.items()}
 
 
@@ -578,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of the resolver's lora_linear implementations to time (default: "
                         "all of them; the floor, peft and default rows always run)")
     p.add_argument("--pieces", action="store_true",
-                   help="also time the fused forward's parts (Triton GEMM alone, fused GEMM given xa, xa)")
+                   help="also time the fused kernels' parts (Triton GEMM alone, fused GEMM given xa, xa; the "
+                        "backward's one pass over dy against two cuBLAS GEMMs)")
     common.add_common_args(p)
     return p
 
@@ -672,43 +682,28 @@ def main(argv=None) -> int:
         payload["targets"] = targets(rows) if on_gpu else []
         common.write_record(stem, payload, rows, png)
 
-    interrupted = False
-    with common.sigterm_as_interrupt():
-        try:
-            for n, (M, k_in, n_out, r, dtype, adapter_dtype) in enumerate(configs, 1):
-                start = len(rows)
-                print(f"[{n}/{len(configs)}] M={M} {k_in}->{n_out} r={r} {common.dtype_name(dtype)} x,W, "
-                      f"{common.dtype_name(adapter_dtype)} A,B", flush=True)
-                run_config(M, k_in, n_out, r, dtype, adapter_dtype, device, args, rows)
-                print_rows(rows[start:])
-                print(flush=True)
-                save()
-        except KeyboardInterrupt as exc:
-            interrupted = True
-            why = str(exc) or "SIGINT"
-            notes.append(f"INTERRUPTED ({why}) after {len(rows)} rows: the run is incomplete")
-            print(f"plora bench linear: interrupted ({why}); saving the {len(rows)} rows so far", file=sys.stderr,
-                  flush=True)
+    with common.interruptible("plora bench linear", rows, notes) as run:
+        for n, (M, k_in, n_out, r, dtype, adapter_dtype) in enumerate(configs, 1):
+            start = len(rows)
+            print(f"[{n}/{len(configs)}] M={M} {k_in}->{n_out} r={r} {common.dtype_name(dtype)} x,W, "
+                  f"{common.dtype_name(adapter_dtype)} A,B", flush=True)
+            run_config(M, k_in, n_out, r, dtype, adapter_dtype, device, args, rows)
+            print_rows(rows[start:])
+            print(flush=True)
+            save()
 
     derive(rows)
     payload["targets"] = targets(rows) if on_gpu else []
-    payload["complete"] = not interrupted
-    errors = [r for r in rows if "error" in r]
+    payload["complete"] = not run.interrupted
     print("== all results ==")
     print_rows(rows)
     common.print_targets(payload["targets"])
-    for r in errors:
-        print(f"error: {r['mode']} M={r['M']} {r['in']}x{r['out']} r={r['r']} {r['dtype']}/{r['adapter_dtype']} "
-              f"{r['contender']}: {r['error']}")
-    if stem is not None:
-        png = None
-        with contextlib.suppress(Exception):  # a plot must not lose the record
-            png = _plot(stem.with_suffix(".png"), rows, f"lora_linear vs cuBLAS and PEFT - {env['device_name']}")
-        save(png)
-        print(f"wrote {stem.with_suffix('.json')}" + (f" and {png}" if png is not None else ""), flush=True)
-    if interrupted:
-        return 130
-    return 1 if errors else 0
+    for r in rows:
+        if "error" in r:
+            print(f"error: {r['mode']} M={r['M']} {r['in']}x{r['out']} r={r['r']} {r['dtype']}/{r['adapter_dtype']} "
+                  f"{r['contender']}: {r['error']}")
+    return common.finish_run(stem, payload, rows, lambda png: _plot(
+        png, rows, f"lora_linear vs cuBLAS and PEFT - {env['device_name']}"), run.interrupted)
 
 
 if __name__ == "__main__":  # pragma: no cover

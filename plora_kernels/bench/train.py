@@ -75,62 +75,6 @@ def forced_backend(name: str | None):
             os.environ["PLORA_BACKEND"] = old
 
 
-class PeakMemory:
-    """Peak memory of what runs between :meth:`start` and :meth:`peak_bytes`, above what was there before.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, exact). CPU: the process's peak RSS (VmHWM),
-    reset through ``/proc/self/clear_refs``; memory the allocator kept from an earlier contender is reused
-    without raising RSS, so this can under-count. None where neither is available."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.base = device, None
-
-    def start(self) -> None:
-        common.free_memory(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return
-        _malloc_trim()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            self.base = _proc_status_bytes("VmRSS")
-        except OSError:
-            self.base = None
-
-    def peak_bytes(self) -> int | None:
-        if self.base is None:
-            return None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device) - self.base)
-        peak = _proc_status_bytes("VmHWM")
-        return None if peak is None else max(0, peak - self.base)
-
-
-def _malloc_trim() -> None:
-    """Hand memory freed by earlier contenders back to the OS (glibc), so that reusing it counts as growth."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the measurement may under-count, as documented
-        pass
-
-
-def _proc_status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def time_steps(fn, device: torch.device, warmup: int, iters: int) -> common.Timing:
     """Median/p20/p80 in ms of ``iters`` calls after ``warmup`` calls, each call synchronised.
 
@@ -145,7 +89,7 @@ def time_steps(fn, device: torch.device, warmup: int, iters: int) -> common.Timi
         fn()
         common.synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    q = common._quantiles(times, (0.5, 0.2, 0.8))
+    q = common.quantiles(times, (0.5, 0.2, 0.8))
     return common.Timing(q[0], q[1], q[2], "perf_counter, synchronised per step")
 
 
@@ -208,7 +152,7 @@ def run_contender(name: str, config, size: dict, device, dtype, args) -> dict:
     model = opt = None
     try:
         with forced_backend(BACKEND_OF.get(name)):
-            mem = PeakMemory(device)
+            mem = common.PeakMemory(device)
             mem.start()
             model, params = build_model(name, config, device, dtype, args.r, args.alpha, args.lora_dropout)
             opt = torch.optim.AdamW(params, lr=1e-4)
@@ -224,7 +168,7 @@ def run_contender(name: str, config, size: dict, device, dtype, args) -> dict:
 
             row["first_loss"] = step().item()  # before any update: the same for every contender
             t = time_steps(step, device, max(0, args.warmup - 1), args.iters)
-            peak = mem.peak_bytes()
+            peak = mem.stop()
             row.update(status="ok", trainable_params=sum(p.numel() for p in params), **t.as_dict(),
                        tokens_per_s=tokens / (t.median_ms * 1e-3),
                        peak_mib=None if peak is None else peak / 2**20)
@@ -273,13 +217,7 @@ def _plot(path, rows, size_label: str, title: str):
 
 # --------------------------------------------------------------------------------------------------- CLI
 def _dropout_arg(text: str) -> float:
-    try:
-        p = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {text!r}") from None
-    if not 0.0 <= p < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {text!r}")
-    return p
+    return common.argument(text, float, lambda p: 0.0 <= p < 1.0, "a number in [0, 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,8 +327,9 @@ def main(argv=None) -> int:
                 f"one training step - {env['device_name']} - {common.dtype_name(dtype)} - {size_label} r={args.r}")
     payload = {
         "benchmark": "train", "schema": 1, "environment": env,
-        "config": {"size": size_label, **size, "r": args.r, "alpha": args.alpha, "lora_dropout": args.lora_dropout, "dtype": common.dtype_name(dtype),
-                   "iters": args.iters, "warmup": args.warmup, "tokens_per_step": tokens,
+        "config": {"size": size_label, **size, "r": args.r, "alpha": args.alpha, "lora_dropout": args.lora_dropout,
+                   "dtype": common.dtype_name(dtype), "iters": args.iters, "warmup": args.warmup,
+                   "tokens_per_step": tokens,
                    "target_modules": TARGET_MODULES, "unload_every": list(UNLOAD_EVERY), "contenders": CONTENDERS,
                    "timer": "perf_counter, synchronised per step", "optimizer": "torch.optim.AdamW(lr=1e-4)"},
         "notes": notes,

@@ -3,23 +3,11 @@ device copy and PEFT's merges.
 
 The engine (``ops.merge``) merges in two passes over W: an exact check pass (reads W, writes nothing) and, when
 every merged value is finite, the writing pass (reads and writes W). ``unload_`` adds the argument checks, one
-host read of the check's flag and the adapter reset, so its floor is 1.5 copies of W. Timed, all in one process
-on the same random tensors (never zeros), with ``triton.testing.do_bench`` medians on CUDA:
-
-  copy                   ``dst.copy_(src)`` of a W-sized tensor: the device copy bandwidth of this run
-  peft                   PEFT-style ``W += (B @ A * s).to(W.dtype)`` (unguarded; materialises the update)
-  peft safe_merge        PEFT's ``safe_merge`` path: ``t = W.clone(); t += (B @ A * s).to(W.dtype)``,
-                         ``torch.isfinite(t).all()`` read on the host, ``W.copy_(t)``
-  addmm-fp32             ``W.copy_(W.float().addmm_(B.float(), A.float(), alpha=s))`` (one rounding, an fp32
-                         W-sized temporary)
-  unload_ nearest        ``plora_kernels.unload_(W, A, B, s, momentum=0.999, rounding=...)``: the public guarded
-  unload_ stochastic     call (checks, check pass, one host read, writing pass, B <- m B)
-  triton write nearest   the writing pass alone: ``ops.triton.unload.merge_group_([Merge(...)], write=True)``,
-  triton write stochastic  one layer, one launch
-  triton check nearest   the check pass alone: ``merge_group_(..., write=False)`` (the flag is not read)
-  triton check stochastic
-  cuda write|check ...   the CUDA C++ twin, ``ops.cuda_unload.merge_(..., write=True|False)``, where its library
-                         can be built or loaded (else skipped, with the reason)
+host read of the check's flag and the adapter reset, so its floor is 1.5 copies of W. The contenders (CONTENDERS
+below, also written into the record): device copy, PEFT's ``W += ...`` and safe_merge, an fp32 addmm, the public
+``unload_``, and each pass alone on the Triton kernel and on the CUDA C++ twin (where its library builds or
+loads). All are timed in one process on the same random tensors (never zeros), with ``triton.testing.do_bench``
+medians on CUDA.
 
 Shapes: ``--quick`` runs the target, 8192x8192 r=16 bf16 W; a full run adds W 4096x4096, 4096x14336 and
 8192x28672 with r in {8, 16, 64}, bf16 and fp16. The target (and every ``--quick`` or ``--shape`` run) runs
@@ -28,26 +16,21 @@ with fp32 factors (``--factor-dtype`` sets both). On CPU a 64x128 W, where the T
 interpreter (TRITON_INTERPRET=1) or are skipped. Then the whole-model unload: ``unload_many_`` over the 112
 targeted layers of the ``1b`` config of ``plora bench train`` (bf16 W, fp32 factors, r=16, stochastic
 rounding; a 7-layer micro model on CPU), timed per call, with momentum 0.999 (B <- m B: the data stay random)
-and 0 (what PLoRALinear trains with: B <- 0 and a fresh A). When a
-``plora bench train`` record of the same device, model size and rank exists (in ``--out`` or
-benchmarks/results), the model rows also give the unload as a share of the fastest PLoRA training step;
-``benchmarks/make_report.py`` joins one later otherwise.
+and 0 (what PLoRALinear trains with: B <- 0 and a fresh A). When a ``plora bench train`` record of the same
+device, model size and rank exists (in ``--out`` or benchmarks/results), the model rows also give the unload as
+a share of the fastest PLoRA training step; ``benchmarks/make_report.py`` joins one later otherwise.
 
-Reported per row: the implementation that ran (``impl``), the median (p20/p80), "% copy" = the copy row's
-time over the row's time (the rate at which W is merged, as a share of the copy bandwidth: 100% is a merge at
-copy speed), the floor in passes over W (copy and write 1, check 0.5, unload_ 1.5) and "% floor" (the floor's
-time over the row's time), the speed-up over the peft and safe_merge rows of the same run, and on CUDA the
-peak extra memory (``max_memory_allocated`` during one call minus the allocation before it). Targets at
-8192x8192, r=16, bf16 W: ``unload_`` >= 55% of copy bandwidth, >= 1.5x faster than peft, >= 3x faster than
-safe_merge, no W-sized temporary; the whole-model unload < 3% of a training step.
-
-The record is written after every config (``"complete": false`` until the end), and on SIGINT/SIGTERM what
-was measured is saved before exiting with status 130: a run cut off by a time limit still leaves its rows.
+Reported per row: the implementation that ran, the median (p20/p80), "% copy" (the copy row's time over the
+row's), the floor in passes over W (copy and write 1, check 0.5, unload_ 1.5) and "% floor", the speed-up over
+the peft and safe_merge rows, and on CUDA the peak extra memory. Targets at 8192x8192, r=16, bf16 W: ``unload_``
+>= 55% of copy bandwidth, >= 1.5x faster than peft, >= 3x faster than safe_merge, no W-sized temporary; the
+whole-model unload < 3% of a training step. The record is written after every config (``"complete": false``
+until the end), and a run cut off by SIGINT/SIGTERM saves what it measured and exits with status 130.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import collections
 import functools
 import json
 import sys
@@ -134,12 +117,10 @@ def _cuda_twin():
         return None, f"cuda_unload.available() raised {type(exc).__name__}: {exc}"
     if not ok:
         return None, "the CUDA twin's library is not available (no nvcc, no $PLORA_CSRC_LIB, no cached build)"
-    load = getattr(cuda_unload, "library", None)
-    if load is not None:
-        try:
-            load()
-        except Exception as exc:  # noqa: BLE001 - nvcc failed, or an ABI mismatch
-            return None, f"the CUDA twin's library failed to build or load ({type(exc).__name__}: {exc})"[:400]
+    try:
+        cuda_unload.library()
+    except Exception as exc:  # noqa: BLE001 - nvcc failed, or an ABI mismatch
+        return None, f"the CUDA twin's library failed to build or load ({type(exc).__name__}: {exc})"[:400]
     return cuda_unload, None
 
 
@@ -234,7 +215,7 @@ def _time(fn, device: torch.device, impl: str, args) -> common.Timing:
     """do_bench on CUDA; on CPU the perf_counter loop, and for the interpreter one timed call after one untimed
     (the interpreter's time says nothing about the kernel, and the smoke run must stay short)."""
     if device.type != "cuda" and impl.endswith("(interpreter)"):
-        return common._cpu_bench(fn, 0.0, 0.0, min_reps=1)
+        return common.cpu_bench(fn, 0.0, 0.0, min_reps=1)
     return common.bench(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
 
 
@@ -249,8 +230,9 @@ def _timed_row(row: dict, fn, device, args) -> dict:
     return row
 
 
-def run_config(n_out, k_in, r, dtype, factor_dtype, device, args, names, sink: list) -> None:
-    """Time every contender in ``names`` (plus copy) on one W shape; rows are appended to ``sink`` as they come."""
+def run_config(n_out, k_in, r, dtype, factor_dtype, device, args, sink: list) -> None:
+    """Time every contender in ``args.names`` (copy always) on one W shape; rows are appended to ``sink`` as they
+    come."""
     weight, lora_A, lora_B = make_tensors(n_out, k_in, r, dtype, factor_dtype, device)
     w_bytes = weight.numel() * weight.element_size()
     base = {"scope": "layer", "out": n_out, "in": k_in, "r": r, "dtype": common.dtype_name(dtype),
@@ -269,7 +251,7 @@ def run_config(n_out, k_in, r, dtype, factor_dtype, device, args, names, sink: l
     fns = contender_fns(weight, lora_A, lora_B, skip, impls)
     saved_B = lora_B.clone()  # unload_ scales B by m on every call: each other contender gets the original
     for name in CONTENDERS:
-        if name == "copy" or name not in names:
+        if name == "copy" or name not in args.names:
             continue
         row = dict(base, contender=name, label=name)
         if name in skip:
@@ -322,9 +304,7 @@ def run_model(size: str, dtype, device, args, sink: list) -> None:
 
     layers, tensors = model_tensors(size, dtype, device)
     w_bytes = sum(w.numel() * w.element_size() for w, _, _ in tensors)
-    shapes: dict = {}
-    for _, o, i in layers:
-        shapes[(o, i)] = shapes.get((o, i), 0) + 1
+    shapes = collections.Counter((o, i) for _, o, i in layers)
     base = {"scope": "model", "model": size, "layers": len(layers),
             "shapes": [[o, i, n] for (o, i), n in shapes.items()], "r": MODEL_RANK, "dtype": common.dtype_name(dtype),
             "factor_dtype": common.dtype_name(tensors[0][1].dtype), "rounding": MODEL_ROUNDING, "w_bytes": w_bytes,
@@ -339,32 +319,52 @@ def run_model(size: str, dtype, device, args, sink: list) -> None:
 
 
 def find_train_step(env: dict, size: str, r: int, dtype: str, dirs) -> dict | None:
-    """The newest ``plora bench train`` record in ``dirs`` of this device, model size, rank and dtype: its
-    fastest PLoRA step (the smallest denominator: the largest share), or None."""
-    best = None
+    """:func:`train_step` of the ``plora bench train`` records in the folders ``dirs`` (None: none)."""
+    records = []
     for d in dirs:
         if d is None or not Path(d).is_dir():
             continue
-        for path in Path(d).glob("train-*.json"):
+        for path in sorted(Path(d).glob("train-*.json")):
             try:
-                rec = json.loads(path.read_text())
-                e, cfg = rec["environment"], rec.get("config", {})
-                if (e.get("device_type"), e.get("device_name")) != (env["device_type"], env["device_name"]):
-                    continue
-                if (cfg.get("size"), cfg.get("r"), cfg.get("dtype")) != (size, r, dtype):
-                    continue
-                steps = [(row["median_ms"], row["contender"]) for row in rec["results"]
-                         if str(row.get("contender", "")).startswith("plora") and row.get("status") == "ok"
-                         and row.get("median_ms")]
-            except (OSError, ValueError, KeyError, TypeError):
+                records.append((path.name, json.loads(path.read_text())))
+            except (OSError, ValueError):
                 continue
-            if steps:
-                ms, who = min(steps)
-                found = {"record": path.name, "timestamp_utc": e.get("timestamp_utc", ""), "step_ms": ms,
-                         "contender": who}
-                if best is None or found["timestamp_utc"] > best["timestamp_utc"]:
-                    best = found
+    return train_step(records, env, size, r, dtype)
+
+
+def train_step(records, env: dict, size: str, r: int, dtype: str) -> dict | None:
+    """Of ``records`` ((file name, record) pairs), the newest ``plora bench train`` record made on the device of
+    ``env`` for this model size, rank and dtype: its fastest PLoRA step (the smallest denominator, so the largest
+    share) as {"record", "timestamp_utc", "step_ms", "contender"}; None when there is none."""
+    best = None
+    for name, rec in records:
+        try:
+            e, cfg = rec["environment"], rec.get("config", {})
+            if ((e.get("device_type"), e.get("device_name"), cfg.get("size"), cfg.get("r"), cfg.get("dtype"))
+                    != (env.get("device_type"), env.get("device_name"), size, r, dtype)):
+                continue
+            steps = [(row["median_ms"], row["contender"]) for row in rec["results"]
+                     if str(row.get("contender", "")).startswith("plora") and row.get("status") == "ok"
+                     and row.get("median_ms")]
+        except (AttributeError, KeyError, TypeError):
+            continue
+        if steps:
+            ms, who = min(steps)
+            found = {"record": name, "timestamp_utc": e.get("timestamp_utc", ""), "step_ms": ms, "contender": who}
+            if best is None or found["timestamp_utc"] > best["timestamp_utc"]:
+                best = found
     return best
+
+
+def join_train_step(record: dict, train: dict) -> None:
+    """Give an unload record made without a training step to compare with the step ``train`` (:func:`train_step`'s
+    answer), in place: its config's ``train_step``, its model rows' share of a step and their targets."""
+    record.setdefault("config", {})["train_step"] = train
+    derive(record["results"], train)
+    rows = {r["contender"]: r for r in record["results"] if r.get("scope") == "model"}
+    record["targets"] = [model_target(rows[t["contender"]], train)
+                         if t.get("id") == "model_pct_of_step" and t.get("contender") in rows else t
+                         for t in record.get("targets", [])]
 
 
 # ------------------------------------------------------------------------------------------- derived values
@@ -381,48 +381,39 @@ def _key(r) -> tuple:
 
 
 def derive(rows: list[dict], train: dict | None) -> None:
-    """Fill in, in place, what each row's numbers mean against the rest of the run (idempotent)."""
+    """Fill in, in place, what each row's numbers mean against the rest of the run (idempotent): a layer row
+    against the copy, peft and safe_merge rows of its config, a model row against the copy of the target config
+    (else of the largest W) and the training step ``train``."""
     layer = [r for r in rows if r.get("scope", "layer") == "layer"]
-    by_key: dict = {}
+    configs: dict = {}
     for r in layer:
-        by_key.setdefault(_key(r), {})[r["contender"]] = r
-    for group in by_key.values():
-        copy_ms = (group.get("copy") or {}).get("median_ms")
-        peft_ms = (group.get("peft") or {}).get("median_ms")
-        safe_ms = (group.get("peft safe_merge") or {}).get("median_ms")
-        for r in group.values():
-            ms = r.get("median_ms")
-            if not ms:
-                continue
-            r["gbps"] = r["bytes"] / (ms * 1e-3) / 1e9
-            passes = floor_passes(r["contender"])
-            if passes is not None:
-                r["passes"] = passes
-            if copy_ms:
-                r["pct_copy"] = 100.0 * copy_ms / ms
-                if passes is not None:
-                    r["floor_ms"] = passes * copy_ms
-                    r["pct_floor"] = 100.0 * passes * copy_ms / ms
-            if r["contender"] not in BASELINES:
-                if peft_ms:
-                    r["x_vs_peft"] = peft_ms / ms
-                if safe_ms:
-                    r["x_vs_safe_merge"] = safe_ms / ms
-            if r.get("peak_extra_bytes") is not None:
-                r["peak_extra_over_w"] = r["peak_extra_bytes"] / r["w_bytes"]
-    copy = _copy_row(layer, (*TARGET_SHAPE, TARGET_RANK, TARGET_DTYPE, "bf16")) or _copy_row(layer)
+        configs.setdefault(_key(r), {})[r["contender"]] = r
+    model_copy = _copy_row(layer, (*TARGET_SHAPE, TARGET_RANK, TARGET_DTYPE, "bf16")) or _copy_row(layer)
     for r in rows:
-        if r.get("scope") != "model" or not r.get("median_ms"):
+        ms = r.get("median_ms")
+        if not ms:
             continue
-        ms = r["median_ms"]
+        model = r.get("scope") == "model"
+        config = {} if model else configs[_key(r)]
+        copy = model_copy if model else config.get("copy")
         r["gbps"] = r["bytes"] / (ms * 1e-3) / 1e9
-        r["passes"] = floor_passes(r["contender"])
-        if copy is not None:
+        passes = floor_passes(r["contender"])
+        if passes is not None:
+            r["passes"] = passes
+        if copy is not None and copy.get("median_ms"):
             copy_bw = copy["bytes"] / copy["median_ms"]  # bytes per ms
-            r["copy_gbps"] = copy_bw * 1e3 / 1e9
-            r["floor_ms"] = r["passes"] * r["bytes"] / copy_bw
-            r["pct_floor"] = 100.0 * r["floor_ms"] / ms
-        if train is not None:
+            if model:
+                r["copy_gbps"] = copy_bw * 1e3 / 1e9
+            else:
+                r["pct_copy"] = 100.0 * copy["median_ms"] / ms
+            if passes is not None:
+                r["floor_ms"] = passes * r["bytes"] / copy_bw
+                r["pct_floor"] = 100.0 * r["floor_ms"] / ms
+        if r["contender"] not in BASELINES:
+            for field, baseline in (("x_vs_peft", "peft"), ("x_vs_safe_merge", "peft safe_merge")):
+                if (config.get(baseline) or {}).get("median_ms"):
+                    r[field] = config[baseline]["median_ms"] / ms
+        if model and train is not None:
             r["step_ms"] = train["step_ms"]
             r["pct_of_step"] = 100.0 * ms / train["step_ms"]
         if r.get("peak_extra_bytes") is not None:
@@ -476,7 +467,7 @@ def targets(rows: list[dict], train: dict | None, key=(*TARGET_SHAPE, TARGET_RAN
 
 def model_target(r: dict, train: dict | None) -> dict:
     """The whole-model target of model row ``r``: its time per call as a share of the training step of ``train``
-    (``find_train_step``'s answer; None: not measured; benchmarks/make_report.py joins a later train record)."""
+    (:func:`train_step`'s answer; None: not measured, and benchmarks/make_report.py joins a later record)."""
     what = (f"{r['contender']} ({r['model']}: {r['layers']} layers, {r['w_bytes'] / 1e9:.2f} GB of {r['dtype']} W, "
             f"{r['factor_dtype']} factors, r={r['r']}, {r['rounding']}): share of a training step")
     goal = f"< {TARGET_MODEL_PCT_STEP:g}% of a step"
@@ -488,18 +479,15 @@ def model_target(r: dict, train: dict | None) -> dict:
         return _target("model_pct_of_step", what, None, f"{ms:.3f} ms per call; no train record of this device, "
                        "model and rank to compare with", goal, None, **extra)
     pct = 100.0 * ms / train["step_ms"]
+    joined = "; joined by make_report" if train.get("joined") else ""
     return _target("model_pct_of_step", what, pct, f"{pct:.2f}% ({ms:.3f} ms of a {train['step_ms']:.1f} ms "
-                   f"{train['contender']} step, {train['record']})", goal, pct < TARGET_MODEL_PCT_STEP,
+                   f"{train['contender']} step, {train['record']}{joined})", goal, pct < TARGET_MODEL_PCT_STEP,
                    train_step=train, **extra)
 
 
 # ------------------------------------------------------------------------------------------- output
 def _size(n) -> str:
     return f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.2f} MiB"
-
-
-def _mib(v):
-    return None if v is None else v / 2**20
 
 
 COLUMNS = [
@@ -524,7 +512,7 @@ def display_rows(rows):
         if r.get("scope", "layer") == "layer":
             d["shape"] = f"{r['out']}x{r['in']}"
         d["w_gb"] = r["w_bytes"] / 1e9
-        d["peak_mib"] = _mib(r.get("peak_extra_bytes"))
+        d["peak_mib"] = None if r.get("peak_extra_bytes") is None else r["peak_extra_bytes"] / 2**20
         d["status"] = r.get("skipped") and f"skipped: {r['skipped']}" or r.get("error") or r.get("note") or ""
         out.append(d)
     return out
@@ -600,12 +588,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse(argv):
-    """The parsed flags; a bad value is refused argparse's way (usage, 'plora bench unload: error: ...', exit 2)."""
-    p = build_parser()
-    return common.parse_cli(p, argv, _finish)
-
-
 def _finish(args) -> None:
     """Checks and derived fields after parsing; ValueError for a bad value (parse_cli reports it)."""
     from .train import SIZES
@@ -646,12 +628,9 @@ def configs_for(args, on_gpu: bool) -> list[tuple]:
     return [(o, i, r, d, both) for d in args.dtypes for (o, i) in shapes for r in ranks]
 
 
-_sigterm_as_interrupt = common.sigterm_as_interrupt  # shared with bench linear
-
-
 def main(argv=None) -> int:
     try:
-        args = _parse(list(sys.argv[1:] if argv is None else argv))
+        args = common.parse_cli(build_parser(), list(sys.argv[1:] if argv is None else argv), _finish)
     except SystemExit as exc:  # a refused argument (status 2, reported by argparse) or --help
         return common.exit_code(exc)
 
@@ -669,10 +648,11 @@ def main(argv=None) -> int:
 
     env = common.environment(device)
     print(f"device: {env['device_name']}  torch {env['torch']}  triton {env['triton']}", flush=True)
-    model_dtype = common.dtype_name(torch.bfloat16 if on_gpu else args.dtypes[0])
+    model_dtype = torch.bfloat16 if on_gpu else args.dtypes[0]
     train = None
     if model is not None:
-        train = find_train_step(env, model, MODEL_RANK, model_dtype, [args.out, common.default_out_dir()])
+        train = find_train_step(env, model, MODEL_RANK, common.dtype_name(model_dtype),
+                                [args.out, common.default_out_dir()])
         if train is not None:
             print(f"training step to compare the whole-model unload with: {train['step_ms']:.2f} ms "
                   f"({train['contender']}, {train['record']})", flush=True)
@@ -691,55 +671,32 @@ def main(argv=None) -> int:
     }
     rows: list[dict] = []
 
-    def save(png=None):
-        if stem is None:
-            return
+    def run(fn, *fn_args) -> None:
+        """Time one config (or the model), print its rows, save the record so far."""
+        start = len(rows)
+        fn(*fn_args, device, args, rows)
         derive(rows, train)
-        common.write_json(stem.with_suffix(".json"), {**payload, "results": [
-            {k: common.clean_float(v) for k, v in r.items()} for r in rows], "plot": png.name if png else None})
+        print_rows(rows[start:])
+        print(flush=True)
+        if stem is not None:
+            common.write_record(stem, payload, rows)
 
-    interrupted = False
-    with _sigterm_as_interrupt():
-        try:
-            for n_out, k_in, r, dtype, modes in configs:
-                for mode in modes:
-                    fdt = dtype if mode == "same" else torch.float32
-                    start = len(rows)
-                    run_config(n_out, k_in, r, dtype, fdt, device, args, args.names, rows)
-                    derive(rows, train)
-                    print_rows(rows[start:])
-                    print(flush=True)
-                    save()
-            if model is not None:
-                start = len(rows)
-                run_model(model, torch.bfloat16 if on_gpu else args.dtypes[0], device, args, rows)
-                derive(rows, train)
-                print_rows(rows[start:])
-                print(flush=True)
-        except KeyboardInterrupt as exc:
-            interrupted = True
-            why = str(exc) or "SIGINT"
-            notes.append(f"INTERRUPTED ({why}) after {len(rows)} rows: the run is incomplete")
-            print(f"plora bench unload: interrupted ({why}); saving the {len(rows)} rows so far", file=sys.stderr,
-                  flush=True)
+    with common.interruptible("plora bench unload", rows, notes) as state:
+        for n_out, k_in, r, dtype, modes in configs:
+            for mode in modes:
+                run(run_config, n_out, k_in, r, dtype, dtype if mode == "same" else torch.float32)
+        if model is not None:
+            run(run_model, model, model_dtype)
 
     derive(rows, train)
     payload["targets"] = targets(rows, train) if on_gpu else []
-    payload["complete"] = not interrupted
-    errors = [r for r in rows if "error" in r]
+    payload["complete"] = not state.interrupted
     print("== all results ==")
     print_rows(rows)
     common.print_targets(payload["targets"])
-    if stem is not None:
-        png = None
-        with contextlib.suppress(Exception):  # a plot must not lose the record
-            png = _plot(stem.with_suffix(".png"), rows,
-                        f"unload: passes, unload_ and PEFT's merges vs device copy - {env['device_name']}", on_gpu)
-        save(png)
-        print(f"wrote {stem.with_suffix('.json')}" + (f" and {png}" if png is not None else ""), flush=True)
-    if interrupted:
-        return 130
-    return 1 if errors else 0
+    return common.finish_run(stem, payload, rows, lambda png: _plot(
+        png, rows, f"unload: passes, unload_ and PEFT's merges vs device copy - {env['device_name']}", on_gpu),
+        state.interrupted)
 
 
 if __name__ == "__main__":  # pragma: no cover

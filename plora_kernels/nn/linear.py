@@ -141,7 +141,8 @@ class PLoRALinear(nn.Module):
 
 def check_layer_args(r, alpha, momentum=0.0, rounding=None, adapter_dtype=None, lora_dropout=0.0) -> float:
     """The adapter arguments of :class:`PLoRALinear` (and of apply_plora / from_linear): r a positive int, alpha a
-    finite non-zero real, momentum in [0, 1), rounding "nearest", "stochastic" or None, adapter_dtype a float dtype or None.
+    finite non-zero real, momentum in [0, 1), rounding "nearest", "stochastic" or None, adapter_dtype a float dtype
+    or None.
     Returns the momentum as a float. Raises TypeError / ValueError naming the argument."""
     check_int("r", r, minimum=1)
     if check_real("alpha", alpha) == 0.0:

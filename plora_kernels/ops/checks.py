@@ -42,7 +42,8 @@ def check_real(name: str, value, *, low: float | None = None, high: float | None
     value = float(value)
     if finite and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    if (low is not None and not value >= low) or (high is not None and not (value < high if high_open else value <= high)):
+    above = high is not None and not (value < high if high_open else value <= high)
+    if (low is not None and not value >= low) or above:
         interval = f"[{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value}")
     return value

@@ -32,7 +32,8 @@ from .formats import CSRC_ABI_VERSION, CSRC_DTYPE_CODES, ROUNDING_CODES
 
 # the repository's csrc/ (a checkout or an editable install), else the copy setup.py ships in the package
 _HERE = Path(__file__).resolve()
-SOURCE = next((p for p in (_HERE.parents[2] / "csrc" / "plora_unload.cu", _HERE.parents[1] / "_csrc" / "plora_unload.cu")
+SOURCE = next((p for p in (_HERE.parents[2] / "csrc" / "plora_unload.cu",
+                            _HERE.parents[1] / "_csrc" / "plora_unload.cu")
                if p.is_file()), _HERE.parents[2] / "csrc" / "plora_unload.cu")
 LIB_NAME = "libplora_unload.so"
 ABI_VERSION = CSRC_ABI_VERSION

@@ -54,7 +54,7 @@ def lora_linear_fwd(
 
         tma = impl == "triton-tma"
         xa = lora_matmul(x, lora_A.t(), tma=tma, dropout=(1, dropout_p, seed) if dropout_p else None)
-        y = _big_gemm(impl)(x, weight.t(), lora_s=xa, lora_l=lora_B.t(), scaling=scaling, bias=bias, tma=tma)
+        y = _big_gemm(impl)(x, weight.t(), lora_act=xa, lora_up=lora_B.t(), scaling=scaling, bias=bias, tma=tma)
     else:
         y, xa = reference.lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
     return y, xa, torch.tensor(seed, dtype=torch.int64)
@@ -73,22 +73,23 @@ def lora_linear_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     seed = int(seed)  # a CPU tensor: no device sync
     if impl != "torch":
+        from .triton.lora_dy_pass import lora_dy_pass
         from .triton.lora_matmul import lora_matmul
 
         tma = impl == "triton-tma"
         dy = dy.contiguous()
-        g = lora_matmul(dy, lora_B, tma=tma)
+        g, grad_B = lora_dy_pass(dy, lora_B, xa, scaling)  # both skinny products of dy in one read of it
         dx = None
         if compute_dx:
             if dropout_p:  # the mask on the low-rank term: the portable kernel applies it
-                dx = lora_matmul(dy, weight, lora_s=g, lora_l=lora_A, scaling=scaling, dropout=(3, dropout_p, seed))
+                dx = lora_matmul(dy, weight, lora_act=g, lora_up=lora_A, scaling=scaling,
+                                 dropout=(3, dropout_p, seed))
             else:
-                dx = _big_gemm(impl)(dy, weight, lora_s=g, lora_l=lora_A, scaling=scaling, tma=tma)
+                dx = _big_gemm(impl)(dy, weight, lora_act=g, lora_up=lora_A, scaling=scaling, tma=tma)
         if dropout_p:  # dA's pass over x regenerates the mask in the tiles of x it loads
             grad_A = lora_matmul(g.t(), x, dropout=(2, dropout_p, seed)).mul_(scaling).to(lora_A.dtype)
-            grad_B = (dy.t() @ xa).mul_(scaling).to(lora_B.dtype)
         else:
-            grad_A, grad_B = reference.lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling)
+            grad_A = reference.lora_grad_A(g, x, lora_A, scaling)
     else:
         dx, grad_A, grad_B = reference.lora_linear_backward(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx,
                                                             dropout_p, seed)
@@ -171,7 +172,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     Differentiable in x, lora_A, lora_B (and weight/bias when they require grad). ``B @ A`` is never
     formed; backward keeps x and the (M, r) product ``x @ lora_A.T``. CUDA tensors run the implementation
     measured fastest there (the cuBLAS composition or a Triton kernel), CPU tensors the pure-torch reference;
-    ``plora_kernels.implementation(lora_linear=...)`` or ``PLORA_LINEAR_KERNEL`` choose (see ``plora info``). Under ``torch.autocast`` x, weight
+    ``plora_kernels.implementation(lora_linear=...)`` or ``PLORA_LINEAR_KERNEL`` choose (see ``plora info``).
+    Under ``torch.autocast`` x, weight
     and bias are cast to the autocast dtype, as for ``F.linear``: fp64 tensors are left in fp64 (autocast leaves
     fp64 alone) and an integer x is refused.
     """

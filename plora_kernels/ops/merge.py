@@ -30,7 +30,9 @@ __all__ = ["Merge", "merge_many_", "draw_seeds", "reset_adapters_", "stochastic"
 
 class Merge(NamedTuple):
     """One merge: W (or rows [row_offset, ...) of a larger logical W) <- round(W + coef B A), with the rounding
-    stream of ``seed`` (see ops.streams)."""
+    stream of ``seed`` (see ops.streams). What the engine takes: a user's ``UnloadSpec`` (ops.unload) becomes one
+    once its scaling and momentum are folded into ``coef`` and its seed is drawn, and an FSDP2 row shard
+    (ops.sharded) once its row offset is known."""
     weight: torch.Tensor
     lora_A: torch.Tensor
     lora_B: torch.Tensor

@@ -38,14 +38,17 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p
     return y.addmm_(x, weight.t()), xa
 
 
-def lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
-    """dA = s g^T dropout(x) and dB = s dy^T xa from the M x r intermediates (g = dy B), in the adapters' dtype.
+def lora_grad_A(g, x, lora_A, scaling, dropout_p=0.0, seed=0):
+    """dA = s g^T dropout(x) from g = dy B (M x r), in lora_A's dtype: a skinny GEMM with a long reduction over
+    M, which cuBLAS splits well."""
+    return (g.t() @ dropped(x, dropout_p, seed)).mul_(scaling).to(lora_A.dtype)
 
-    Skinny GEMMs with a long reduction over M, which cuBLAS splits well.
-    """
-    grad_A = (g.t() @ dropped(x, dropout_p, seed)).mul_(scaling).to(lora_A.dtype)
-    grad_B = (dy.t() @ xa).mul_(scaling).to(lora_B.dtype)
-    return grad_A, grad_B
+
+def lora_grad_B(dy, xa, lora_B, scaling):
+    """dB = s dy^T xa from the forward's xa = dropout(x) A^T, in lora_B's dtype. With g = dy B it is the second
+    read of dy: the two contract over different dimensions, so no one GEMM call computes both (the Triton
+    path's ops/triton/lora_dy_pass.py does, in one pass)."""
+    return (dy.t() @ xa).mul_(scaling).to(lora_B.dtype)
 
 
 def lora_linear_backward(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx=True, dropout_p=0.0, seed=0):
@@ -63,8 +66,7 @@ def lora_linear_backward(dy, x, xa, weight, lora_A, lora_B, scaling, compute_dx=
         else:
             dx = torch.addmm(dy.new_empty(dy.shape[0], weight.shape[1]), g, a_t, beta=0, alpha=scaling)
             dx.addmm_(dy, weight)
-    grad_A, grad_B = lora_adapter_grads(dy, x, xa, g, lora_A, lora_B, scaling, dropout_p, seed)
-    return dx, grad_A, grad_B
+    return dx, lora_grad_A(g, x, lora_A, scaling, dropout_p, seed), lora_grad_B(dy, xa, lora_B, scaling)
 
 
 def _as_int32(bits: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,8 @@ def unload_sharded_(weight_shard: torch.Tensor, lora_A: torch.Tensor, lora_B_sha
     if out_features is None:
         out_features = row_offset + rows
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < row_offset + rows:
-        raise ValueError(f"out_features must be an int >= row_offset + rows = {row_offset + rows}, got {out_features!r}")
+        raise ValueError(f"out_features must be an int >= row_offset + rows = {row_offset + rows}, "
+                         f"got {out_features!r}")
     check_sharded_generator(weight_shard, rounding, momentum, generator, seed)
     with torch.no_grad():
         _unload_rows_(weight_shard, lora_A, lora_B_shard, lora_B_shard, scaling, momentum, rounding, generator, seed,
@@ -158,7 +159,8 @@ def unload_dtensor_(weight, lora_A, lora_B, scaling: float, *, momentum: float =
     ``weight`` is a DTensor placed Shard(0) or Replicate on each mesh dim (FSDP2's default is Shard(0)).
     ``lora_B`` may be sharded like W (FSDP2's default; no communication) or any other way (gathered: it is
     out x r), or be a plain tensor. ``lora_A`` may be a DTensor with any placement (all-gathered: r x in) or
-    a plain tensor identical on every rank (e.g. kept out of FSDP2 with ``ignored_params``). W is never gathered. With the same ``generator`` state on every rank the result
+    a plain tensor identical on every rank (e.g. kept out of FSDP2 with ``ignored_params``). W is never gathered.
+    With the same ``generator`` state on every rank the result
     equals, row for row, :func:`plora_kernels.unload_` on the full tensors, and every rank's share of the fresh
     A is its rows of one common draw.
 

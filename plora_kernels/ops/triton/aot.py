@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..._backend import interpreting
-from . import lora_matmul, lora_matmul_tma, lora_matmul_ws, unload
+from . import lora_dy_pass, lora_matmul, lora_matmul_tma, lora_matmul_ws, unload
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 INIT_TILE = (16, 256, 4)  # (BLOCK_R, BLOCK_N, warps) of init_lora_A_group_
@@ -67,7 +67,8 @@ def merge_launch(*, w: str = "bf16", factors: str = "fp32", r: int = 16, roundin
     _need_compiler()
     w_t, f_t = _DTYPES[w], _DTYPES[factors]
     weight = torch.empty(64, 64, dtype=w_t, device="meta")
-    layer = SimpleNamespace(weight=weight if contig else weight.t(), lora_A=torch.empty(r, 64, dtype=f_t, device="meta"),
+    layer = SimpleNamespace(weight=weight if contig else weight.t(),
+                            lora_A=torch.empty(r, 64, dtype=f_t, device="meta"),
                             lora_B=torch.empty(64, r, dtype=f_t, device="meta"), rounding=rounding)
     return unload.launch_meta(unload.group_key(layer), write, exact)
 
@@ -102,19 +103,19 @@ def compile_init(*, a: str = "fp32", arch: int = 90):
 def compile_lora_matmul(*, x="bf16", adapters="fp32", lora=True, bias=False, block_m=128, block_n=256,
                         block_k=64, num_stages=3, num_warps=8, precision=None, drop=0, arch=90):
     """The fused GEMM as the forward calls it: a = x (M, K) row-major, b = W^T (a view: K contiguous),
-    s = xa (M, r), l = lora_B^T (a view: r contiguous). ``drop``: where LoRA dropout's mask applies (0 none)."""
-    types = dict(a_ptr="*" + x, b_ptr="*" + x, c_ptr="*" + x, s_ptr="*" + x, l_ptr="*" + adapters,
+    act = xa (M, r), up = lora_B^T (a view: r contiguous). ``drop``: where LoRA dropout's mask applies (0 none)."""
+    types = dict(a_ptr="*" + x, b_ptr="*" + x, c_ptr="*" + x, act_ptr="*" + x, up_ptr="*" + adapters,
                  bias_ptr="*" + x, M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32", N_BUCKET="i32",
                  K_BUCKET="i32", scaling="fp32", drop_seed="i64", drop_threshold="i32", drop_scale="fp32")
     types.update({s: "i32" for s in ("stride_am stride_ak stride_bk stride_bn stride_cm stride_cn "
-                                    "stride_sm stride_sr stride_lr stride_ln").split()})
+                                    "stride_actm stride_actr stride_upr stride_upn").split()})
     ce = dict(HAS_LORA=lora, HAS_BIAS=bias, UPCAST=False, DROP=drop,
               PRECISION=precision or ("ieee" if x == "fp32" else "tf32"), BLOCK_R=16,
               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
     return _compile(lora_matmul._lora_matmul_kernel.fn, types, ce,
-                    unit=("stride_ak", "stride_bk", "stride_cn", "stride_sr", "stride_lr"),
-                    divisible=("a_ptr", "b_ptr", "c_ptr", "s_ptr", "l_ptr", "M", "N", "K", "stride_am",
-                               "stride_bn", "stride_cm", "stride_sm", "stride_ln"),
+                    unit=("stride_ak", "stride_bk", "stride_cn", "stride_actr", "stride_upr"),
+                    divisible=("a_ptr", "b_ptr", "c_ptr", "act_ptr", "up_ptr", "M", "N", "K", "stride_am",
+                               "stride_bn", "stride_cm", "stride_actm", "stride_upn"),
                     arch=arch, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -125,33 +126,48 @@ def compile_lora_matmul_tma(*, x="bf16", adapters="fp32", lora=True, bias=False,
     types = dict(a_desc=f"tensordesc<{x}[{block_m}, {block_k}]>",
                  b_desc=f"tensordesc<{x}[{b_block[0]}, {b_block[1]}]>",
                  c_desc=f"tensordesc<{x}[{block_m}, {block_n}]>",
-                 s_ptr="*" + x, l_ptr="*" + adapters, bias_ptr="*" + x, M="i32", N="i32", K="i32", R="i32",
-                 M_BUCKET="i32", N_BUCKET="i32", K_BUCKET="i32", stride_sm="i32", stride_sr="i32",
-                 stride_lr="i32", stride_ln="i32", scaling="fp32")
+                 act_ptr="*" + x, up_ptr="*" + adapters, bias_ptr="*" + x, M="i32", N="i32", K="i32", R="i32",
+                 M_BUCKET="i32", N_BUCKET="i32", K_BUCKET="i32", stride_actm="i32", stride_actr="i32",
+                 stride_upr="i32", stride_upn="i32", scaling="fp32")
     ce = dict(HAS_LORA=lora, HAS_BIAS=bias, UPCAST=False,
               PRECISION="ieee" if x == "fp32" else "tf32", B_NK=b_nk, NUM_PROGRAMS=num_programs, BLOCK_R=16,
               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
-    return _compile(lora_matmul_tma._lora_matmul_tma_kernel.fn, types, ce, unit=("stride_sr", "stride_lr"),
-                    divisible=("s_ptr", "l_ptr", "M", "N", "K", "stride_sm", "stride_ln"),
+    return _compile(lora_matmul_tma._lora_matmul_tma_kernel.fn, types, ce, unit=("stride_actr", "stride_upr"),
+                    divisible=("act_ptr", "up_ptr", "M", "N", "K", "stride_actm", "stride_upn"),
                     arch=arch, num_warps=num_warps, num_stages=num_stages)
 
 
-def compile_lora_matmul_ws(*, x="bf16", lora=True, bias=False, b_nk=True, l_nk=True, num_programs=132, arch=90):
+def compile_lora_matmul_ws(*, x="bf16", lora=True, bias=False, b_nk=True, up_nk=True, num_programs=132, arch=90):
     """The warp-specialised fused GEMM as ``lora_matmul_ws`` launches it on a GPU: its config for x's dtype,
-    num_warps 4, warp specialisation on. Forward: b_nk (B = W^T, read as W's tiles) and l_nk (L = lora_B^T);
-    dx: neither (B = W and L = lora_A, both row-major). S and L come in x's dtype (the launch casts them). M, N,
+    num_warps 4, warp specialisation on. Forward: b_nk (B = W^T, read as W's tiles) and up_nk (UP = lora_B^T);
+    dx: neither (B = W and UP = lora_A, both row-major). ACT and UP come in x's dtype (the launch casts them). M, N,
     K, r and the row strides are multiples of 16 (transformer widths, r = 16), as the launch specialises them."""
     bm, bn, bk, br, gm, split, stages = lora_matmul_ws.GPU_CONFIG_FP32 if x == "fp32" else lora_matmul_ws.GPU_CONFIG
-    types = dict(a_ptr="*" + x, b_ptr="*" + x, c_ptr="*" + x, s_ptr="*" + x, l_ptr="*" + x, bias_ptr="*" + x,
+    types = dict(a_ptr="*" + x, b_ptr="*" + x, c_ptr="*" + x, act_ptr="*" + x, up_ptr="*" + x, bias_ptr="*" + x,
                  M="i32", N="i32", K="i32", R="i32", stride_am="i32", stride_b="i32", stride_cm="i32",
-                 stride_sm="i32", stride_l="i32", scaling="fp32")
-    ce = dict(HAS_LORA=lora, HAS_BIAS=bias, B_NK=b_nk, L_NK=l_nk, UPCAST=False, PRECISION="tf32",
+                 stride_actm="i32", stride_up="i32", scaling="fp32")
+    ce = dict(HAS_LORA=lora, HAS_BIAS=bias, B_NK=b_nk, UP_NK=up_nk, UPCAST=False, PRECISION="tf32",
               WARP_SPECIALIZE=True, NUM_PROGRAMS=num_programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
               GROUP_M=gm, EPILOGUE_SPLIT=split)
     return _compile(lora_matmul_ws._lora_matmul_ws_kernel, types, ce, unit=(),
-                    divisible=("a_ptr", "b_ptr", "c_ptr", "s_ptr", "l_ptr", "bias_ptr", "M", "N", "K", "R",
-                               "stride_am", "stride_b", "stride_cm", "stride_sm", "stride_l"),
+                    divisible=("a_ptr", "b_ptr", "c_ptr", "act_ptr", "up_ptr", "bias_ptr", "M", "N", "K", "R",
+                               "stride_am", "stride_b", "stride_cm", "stride_actm", "stride_up"),
                     arch=arch, num_warps=4, num_stages=stages)
+
+
+def compile_lora_dy_pass(*, dy="bf16", adapters="fp32", r=16, arch=90):
+    """The backward's one pass over dy as ``lora_dy_pass`` launches it on a GPU (its GPU_CONFIG): dy (M, out)
+    row-major, lora_B (out, r) in the adapters' dtype, xa (M, r) in dy's; widths multiples of 16."""
+    block_m, block_n, warps, stages = lora_dy_pass.GPU_CONFIG
+    types = dict(dy_ptr="*" + dy, lora_B_ptr="*" + adapters, xa_ptr="*" + dy, g_part_ptr="*fp32",
+                 grad_B_part_ptr="*fp32", M="i32", N="i32", R="i32", ROWS_PER_CHUNK="i32", COLS_PER_CHUNK="i32",
+                 stride_dym="i32", stride_bn="i32", stride_xam="i32")
+    ce = dict(UPCAST=False, PRECISION="ieee" if dy == "fp32" else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
+              BLOCK_R=max(16, triton.next_power_of_2(r)))
+    return _compile(lora_dy_pass._lora_dy_pass_kernel, types, ce, unit=("stride_dyn", "stride_br", "stride_xar"),
+                    divisible=("dy_ptr", "lora_B_ptr", "xa_ptr", "g_part_ptr", "grad_B_part_ptr", "M", "N",
+                               "ROWS_PER_CHUNK", "COLS_PER_CHUNK", "stride_dym", "stride_bn", "stride_xam"),
+                    arch=arch, num_warps=warps, num_stages=stages)
 
 
 _SETMAXNREG = re.compile(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+);")

@@ -1,4 +1,4 @@
-"""Triton kernel: C = A @ B + scaling * S @ L (+ bias), a GEMM with a low-rank term fused in.
+"""Triton kernel: C = A @ B + scaling * ACT @ UP (+ bias), a GEMM with a low-rank term fused in.
 
 Every GEMM of the LoRA linear is this one kernel:
     forward   xa = x @ lora_A^T                          (no low-rank term; N = r)
@@ -7,7 +7,8 @@ Every GEMM of the LoRA linear is this one kernel:
               dx = dy @ W   + s * g  @ lora_A
 The low-rank term seeds the fp32 accumulator before the K loop (the idea LoRAFusion uses), so y and dx are
 written once, in one rounding, and the LoRA cost is one extra (BLOCK_M x r) x (r x BLOCK_N) dot per tile.
-B and L are passed as strided views, so W^T and lora_B^T cost no copies.
+ACT (M x r) is the low-rank activation (xa, g) and UP (r x N) the factor that lifts it to C's columns
+(lora_B^T, lora_A). B and UP are passed as strided views, so W^T and lora_B^T cost no copies.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import triton.language as tl
 
 from ..._backend import autotuning, interpreting
 from .. import streams
-from .tiles import dropout_keep, grouped_tile, low_rank_seed
+from .tiles import dot_options, dropout_keep, grouped_tile, low_rank_seed
 
 
 def _configs():
@@ -43,10 +44,10 @@ def _configs():
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA", "DROP"])
 @triton.jit
 def _lora_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, s_ptr, l_ptr, bias_ptr,
+    a_ptr, b_ptr, c_ptr, act_ptr, up_ptr, bias_ptr,
     M, N, K, R, M_BUCKET, N_BUCKET, K_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_sm, stride_sr, stride_lr, stride_ln,
+    stride_actm, stride_actr, stride_upr, stride_upn,
     scaling, drop_seed, drop_threshold, drop_scale,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, DROP: tl.constexpr,
@@ -66,7 +67,7 @@ def _lora_matmul_kernel(
         dtype = tl.float32  # the interpreter multiplies bf16 bit patterns; fp32 is right there
 
     if HAS_LORA:  # the low-rank term seeds the accumulator
-        acc = low_rank_seed(s_ptr, l_ptr, rm, rn, M, N, R, stride_sm, stride_sr, stride_lr, stride_ln, scaling,
+        acc = low_rank_seed(act_ptr, up_ptr, rm, rn, M, N, R, stride_actm, stride_actr, stride_upr, stride_upn, scaling,
                             UPCAST, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
         if DROP == 3:
             acc = tl.where(dropout_keep(drop_seed, rm, pid_n * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N),
@@ -100,13 +101,13 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None = None,
-                lora_l: torch.Tensor | None = None, scaling: float = 1.0,
+def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_act: torch.Tensor | None = None,
+                lora_up: torch.Tensor | None = None, scaling: float = 1.0,
                 bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 tma: bool = False, dropout: tuple[int, float, int] | None = None) -> torch.Tensor:
-    """Return ``a @ b + scaling * lora_s @ lora_l + bias`` in a's dtype with fp32 accumulation.
+    """Return ``a @ b + scaling * lora_act @ lora_up + bias`` in a's dtype with fp32 accumulation.
 
-    a: (M, K); b: (K, N) any strides; lora_s: (M, R) and lora_l: (R, N), any float dtype (cast to a's);
+    a: (M, K); b: (K, N) any strides; lora_act: (M, R) and lora_up: (R, N), any float dtype (cast to a's);
     bias: (N,); out: optional (M, N) destination, any strides. Shapes are the caller's contract (checked
     at the public API). ``tma``: run the TMA kernel (lora_matmul_tma.py) where it can take the shapes (the
     resolver's ``triton-tma``). ``dropout``: (where, p, seed): LoRA dropout's mask (ops.streams) on operand a
@@ -117,11 +118,11 @@ def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None
     c = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
     if M == 0 or N == 0:
         return c
-    has_lora = lora_s is not None
-    R = lora_s.shape[1] if has_lora else 0
-    s = lora_s if has_lora else a  # placeholders: never read when the flags are off
-    l = lora_l if has_lora else b
-    precision = "ieee" if a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    has_lora = lora_act is not None
+    R = lora_act.shape[1] if has_lora else 0
+    act = lora_act if has_lora else a  # placeholders: never read when the flags are off
+    up = lora_up if has_lora else b
+    upcast, precision = dot_options(a.dtype)
     block_r = min(64, max(16, triton.next_power_of_2(R)))
     buckets = (_bucket(M), _bucket(N), _bucket(K))
     drop, p, seed = dropout or (0, 0.0, 0)
@@ -129,20 +130,20 @@ def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None
         from . import lora_matmul_tma
 
         if lora_matmul_tma.supported(a, b, out):
-            return lora_matmul_tma.lora_matmul_tma(a, b, c, lora_s, lora_l, scaling, bias, precision, block_r,
+            return lora_matmul_tma.lora_matmul_tma(a, b, c, lora_act, lora_up, scaling, bias, precision, block_r,
                                                    buckets)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _lora_matmul_kernel[grid](
-        a, b, c, s, l, bias if bias is not None else a,
+        a, b, c, act, up, bias if bias is not None else a,
         M, N, K, R, *buckets,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        s.stride(0), s.stride(1), l.stride(0), l.stride(1),
+        act.stride(0), act.stride(1), up.stride(0), up.stride(1),
         scaling, seed, streams.keep_threshold(p), 1.0 / (1.0 - p),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        UPCAST=interpreting() and a.dtype == torch.bfloat16, PRECISION=precision,
+        UPCAST=upcast, PRECISION=precision,
         BLOCK_R=block_r, DROP=drop,
     )
     return c

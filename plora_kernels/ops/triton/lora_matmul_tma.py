@@ -1,6 +1,6 @@
 """Triton kernel: the fused LoRA GEMM of lora_matmul.py on Hopper's tensor memory accelerator (TMA).
 
-C = A @ B + scaling * S @ L (+ bias), as the portable kernel computes it, with three changes aimed at the gap
+C = A @ B + scaling * ACT @ UP (+ bias), as the portable kernel computes it, with three changes aimed at the gap
 to cuBLAS measured on an H200 (benchmarks/NOTES.md):
   * A, B and C move through TMA descriptors: the hardware does the address arithmetic and the bounds, so the
     K loop has no masks and the loads are bulk copies, not per-thread cp.async;
@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import autotuning, interpreting
-from .tiles import grouped_tile, low_rank_seed
+from .tiles import dot_options, grouped_tile, low_rank_seed
 
 def _set_block_shapes(nargs):
     """Autotune pre-hook: each config's tile shapes go into the descriptors before it runs."""
@@ -49,9 +49,9 @@ def _configs():
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA", "B_NK"])
 @triton.jit
 def _lora_matmul_tma_kernel(
-    a_desc, b_desc, c_desc, s_ptr, l_ptr, bias_ptr,
+    a_desc, b_desc, c_desc, act_ptr, up_ptr, bias_ptr,
     M, N, K, R, M_BUCKET, N_BUCKET, K_BUCKET,
-    stride_sm, stride_sr, stride_lr, stride_ln,
+    stride_actm, stride_actr, stride_upr, stride_upn,
     scaling,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     B_NK: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -68,8 +68,8 @@ def _lora_matmul_tma_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         if HAS_LORA:  # the low-rank term seeds the accumulator
-            acc = low_rank_seed(s_ptr, l_ptr, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N,
-                                R, stride_sm, stride_sr, stride_lr, stride_ln, scaling, UPCAST, PRECISION,
+            acc = low_rank_seed(act_ptr, up_ptr, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N,
+                                R, stride_actm, stride_actr, stride_upr, stride_upn, scaling, UPCAST, PRECISION,
                                 BLOCK_R, BLOCK_M, BLOCK_N)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -108,7 +108,7 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def lora_matmul_tma(a, b, c, lora_s, lora_l, scaling, bias, precision, block_r, buckets):
+def lora_matmul_tma(a, b, c, lora_act, lora_up, scaling, bias, precision, block_r, buckets):
     """Launch for :func:`lora_matmul.lora_matmul` (which checked :func:`supported` and made ``c``)."""
     M, K = a.shape
     N = b.shape[1]
@@ -117,9 +117,9 @@ def lora_matmul_tma(a, b, c, lora_s, lora_l, scaling, bias, precision, block_r, 
     a_desc = TensorDescriptor.from_tensor(a, dummy)
     b_desc = TensorDescriptor.from_tensor(b.t() if b_nk else b, dummy)
     c_desc = TensorDescriptor.from_tensor(c, dummy)
-    has_lora = lora_s is not None
-    s = lora_s if has_lora else a
-    l = lora_l if has_lora else a
+    has_lora = lora_act is not None
+    act = lora_act if has_lora else a  # placeholders: never read without the low-rank term
+    up = lora_up if has_lora else a
     programs = 4 if interpreting() else _num_sms(a.device.index if a.device.index is not None
                                                  else torch.cuda.current_device())
 
@@ -127,12 +127,12 @@ def lora_matmul_tma(a, b, c, lora_s, lora_l, scaling, bias, precision, block_r, 
         return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
     _lora_matmul_tma_kernel[grid](
-        a_desc, b_desc, c_desc, s, l, bias if bias is not None else a,
-        M, N, K, lora_s.shape[1] if has_lora else 0, *buckets,
-        s.stride(0), s.stride(1), l.stride(0), l.stride(1),
+        a_desc, b_desc, c_desc, act, up, bias if bias is not None else a,
+        M, N, K, lora_act.shape[1] if has_lora else 0, *buckets,
+        act.stride(0), act.stride(1), up.stride(0), up.stride(1),
         scaling,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        UPCAST=interpreting() and a.dtype == torch.bfloat16, PRECISION=precision,
+        UPCAST=dot_options(a.dtype)[0], PRECISION=precision,
         B_NK=b_nk, NUM_PROGRAMS=programs, BLOCK_R=block_r,
     )
     return c

@@ -1,4 +1,4 @@
-"""Triton kernel: the fused LoRA GEMM C = A @ B + scaling * S @ L (+ bias), persistent and warp-specialised.
+"""Triton kernel: the fused LoRA GEMM C = A @ B + scaling * ACT @ UP (+ bias), persistent and warp-specialised.
 
 Same contract as :func:`lora_matmul.lora_matmul`, built to run at cuBLAS speed on Hopper (issue #13):
   * every operand moves by TMA through DEVICE-side descriptors (``tl.make_tensor_descriptor``): Triton's Hopper
@@ -9,15 +9,15 @@ Same contract as :func:`lora_matmul.lora_matmul`, built to run at cuBLAS speed o
   * the low-rank term is one more MMA AFTER the K loop (acc += S_tile @ L_tile), not a seed before it: a seed
     makes every tile wait for two small loads before its first wgmma;
   * 128x256 tiles, the shape cuBLAS uses, stored in two 128x128 halves (epilogue subtiling) so that the C
-    staging buffer, three stages of A/B and the S/L tiles fit in shared memory (~213 KiB of 227).
+    staging buffer, three stages of A/B and the ACT/UP tiles fit in shared memory (~213 KiB of 227).
 
 Conditions of Triton 3.9's Hopper warp specialisation (third_party/nvidia/hopper WarpSpecialization.cpp) that
 shape this code: num_warps == 4 (it adds the other warpgroups itself), num_stages > 1, no ``scf.if`` with an
 else branch anywhere in the kernel (so ``flatten=True`` on the tile loop is out: loop fusion creates one), and
-the loads in the specialised loop are descriptor loads (a plain ``tl.load`` of S or L makes the pass fail).
+the loads in the specialised loop are descriptor loads (a plain ``tl.load`` of ACT or UP makes the pass fail).
 
-Hence the host-side preparation of the small operands: S and L are cast to A's dtype (as the reference casts
-the adapters; it also halves L's shared-memory stages) and, where their rows are not 16-byte aligned (a rank
+Hence the host-side preparation of the small operands: ACT and UP are cast to A's dtype (as the reference casts
+the adapters; it also halves UP's shared-memory stages) and, where their rows are not 16-byte aligned (a rank
 like 3), copied into zero-padded aligned buffers. Shapes A, B or C cannot describe fall back to the portable
 kernel (:func:`supported`).
 """
@@ -31,10 +31,10 @@ import triton.language as tl
 
 from ..._backend import interpreting
 from .lora_matmul import lora_matmul
-from .tiles import grouped_tile
+from .tiles import dot_options, grouped_tile
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SPLIT, num_stages); num_warps is 4 (see above).
-# fp16/bf16: 213 KiB of shared memory (3 stages of A/B, 48 KiB each, and of S/L, 12 KiB each; a 32 KiB C half)
+# fp16/bf16: 213 KiB of shared memory (3 stages of A/B, 48 KiB each, and of ACT/UP, 12 KiB each; a 32 KiB C half)
 GPU_CONFIG = (128, 256, 64, 16, 8, 2, 3)
 # fp32 (TF32 wgmma): twice the bytes per element; 177 KiB (4 stages would take 225 KiB, too close to 227)
 GPU_CONFIG_FP32 = (128, 128, 32, 16, 8, 2, 3)
@@ -61,11 +61,11 @@ def _config(dtype: torch.dtype):
 
 @triton.jit
 def _lora_matmul_ws_kernel(
-    a_ptr, b_ptr, c_ptr, s_ptr, l_ptr, bias_ptr,
+    a_ptr, b_ptr, c_ptr, act_ptr, up_ptr, bias_ptr,
     M, N, K, R,
-    stride_am, stride_b, stride_cm, stride_sm, stride_l,
+    stride_am, stride_b, stride_cm, stride_actm, stride_up,
     scaling,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, B_NK: tl.constexpr, L_NK: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, B_NK: tl.constexpr, UP_NK: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
@@ -74,7 +74,7 @@ def _lora_matmul_ws_kernel(
     if UPCAST:
         dtype = tl.float32  # the interpreter multiplies bf16 bit patterns; fp32 is right there
     # B is (K, N): row-major (B_NK False: dx's W) or the transpose of a row-major (N, K) tensor (B_NK True: the
-    # forward's W^T, read as W's tiles and transposed in the dot); likewise L, (R, N) or (N, R)^T
+    # forward's W^T, read as W's tiles and transposed in the dot); likewise UP, (R, N) or (N, R)^T
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     if B_NK:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
@@ -85,13 +85,13 @@ def _lora_matmul_ws_kernel(
     c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
                                        block_shape=[BLOCK_M, BLOCK_N // EPILOGUE_SPLIT])
     if HAS_LORA:
-        s_desc = tl.make_tensor_descriptor(s_ptr, shape=[M, R], strides=[stride_sm, 1],
+        act_desc = tl.make_tensor_descriptor(act_ptr, shape=[M, R], strides=[stride_actm, 1],
                                            block_shape=[BLOCK_M, BLOCK_R])
-        if L_NK:
-            l_desc = tl.make_tensor_descriptor(l_ptr, shape=[N, R], strides=[stride_l, 1],
+        if UP_NK:
+            up_desc = tl.make_tensor_descriptor(up_ptr, shape=[N, R], strides=[stride_up, 1],
                                                block_shape=[BLOCK_N, BLOCK_R])
         else:
-            l_desc = tl.make_tensor_descriptor(l_ptr, shape=[R, N], strides=[stride_l, 1],
+            up_desc = tl.make_tensor_descriptor(up_ptr, shape=[R, N], strides=[stride_up, 1],
                                                block_shape=[BLOCK_R, BLOCK_N])
 
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -113,16 +113,16 @@ def _lora_matmul_ws_kernel(
             else:
                 acc = tl.dot(a, b_desc.load([ki * BLOCK_K, off_n]).to(dtype), acc, input_precision=PRECISION)
         if HAS_LORA:
-            # acc += scaling * S @ L as MMAs into the same accumulator: dividing by scaling before and multiplying
-            # after costs fp32 roundings (2^-24), where scaling S or L in their 16-bit dtype would cost a 16-bit
+            # acc += scaling * ACT @ UP as MMAs into the same accumulator: dividing by scaling before and multiplying
+            # after costs fp32 roundings (2^-24), where scaling ACT or UP in their 16-bit dtype would cost a 16-bit
             # one; the host launches only with 2^-20 <= |scaling| <= 2^20, so acc / scaling cannot overflow
             acc = acc * (1.0 / scaling)
-            for r0 in range(0, R, BLOCK_R):  # one trip for r <= 16: S and L stay BLOCK_R wide in shared memory
-                s = s_desc.load([off_m, r0]).to(dtype)
-                if L_NK:
-                    acc = tl.dot(s, l_desc.load([off_n, r0]).to(dtype).T, acc, input_precision=PRECISION)
+            for r0 in range(0, R, BLOCK_R):  # one trip for r <= 16: ACT and UP stay BLOCK_R wide in shared memory
+                act = act_desc.load([off_m, r0]).to(dtype)
+                if UP_NK:
+                    acc = tl.dot(act, up_desc.load([off_n, r0]).to(dtype).T, acc, input_precision=PRECISION)
                 else:
-                    acc = tl.dot(s, l_desc.load([r0, off_n]).to(dtype), acc, input_precision=PRECISION)
+                    acc = tl.dot(act, up_desc.load([r0, off_n]).to(dtype), acc, input_precision=PRECISION)
             acc = acc * scaling
         if HAS_BIAS:
             acc += bias[None, :]
@@ -183,20 +183,20 @@ def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
     return padded
 
 
-def low_rank_operands(a: torch.Tensor, lora_s: torch.Tensor, lora_l: torch.Tensor):
-    """(s, l, l_nk): S (M, R) and L as descriptors can take them, in a's dtype. ``l_nk``: l is (N, R) row-major
-    (L = lora_B^T, as the forward passes it) rather than (R, N) row-major (lora_A, as dx passes it). Copies are
-    made only for a dtype other than a's (a cast of an r-wide factor), rows that are not 16-byte aligned, or an
-    fp32 L that is (R, N) row-major."""
-    s = lora_s.to(a.dtype)
-    if not _tma_ready(s):
-        s = _aligned_copy(s)
-    l = lora_l.to(a.dtype)  # keeps the strides: a transposed view stays one
-    if _tma_ready(l.t()):
-        return s, l.t(), True
-    if _tma_ready(l) and a.dtype != torch.float32:  # TF32 wgmma needs L K-major too: fp32 takes the copy
-        return s, l, False
-    return s, _aligned_copy(l.t()), True
+def low_rank_operands(a: torch.Tensor, lora_act: torch.Tensor, lora_up: torch.Tensor):
+    """(act, up, up_nk): lora_act (M, R) and lora_up as descriptors can take them, in a's dtype. ``up_nk``: up is
+    (N, R) row-major (lora_up = lora_B^T, as the forward passes it) rather than (R, N) row-major (lora_A, as dx
+    passes it). Copies are made only for a dtype other than a's (a cast of an r-wide factor), rows that are not
+    16-byte aligned, or an fp32 lora_up that is (R, N) row-major."""
+    act = lora_act.to(a.dtype)
+    if not _tma_ready(act):
+        act = _aligned_copy(act)
+    up = lora_up.to(a.dtype)  # keeps the strides: a transposed view stays one
+    if _tma_ready(up.t()):
+        return act, up.t(), True
+    if _tma_ready(up) and a.dtype != torch.float32:  # TF32 wgmma needs UP K-major too: fp32 takes the copy
+        return act, up, False
+    return act, _aligned_copy(up.t()), True
 
 
 @functools.cache
@@ -220,29 +220,29 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def lora_matmul_ws(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | None = None,
-                   lora_l: torch.Tensor | None = None, scaling: float = 1.0, bias: torch.Tensor | None = None,
+def lora_matmul_ws(a: torch.Tensor, b: torch.Tensor, *, lora_act: torch.Tensor | None = None,
+                   lora_up: torch.Tensor | None = None, scaling: float = 1.0, bias: torch.Tensor | None = None,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Return ``a @ b + scaling * lora_s @ lora_l + bias`` in a's dtype with fp32 accumulation, as
-    :func:`lora_matmul.lora_matmul` (same arguments and shapes: a (M, K); b (K, N); lora_s (M, R); lora_l (R, N),
+    """Return ``a @ b + scaling * lora_act @ lora_up + bias`` in a's dtype with fp32 accumulation, as
+    :func:`lora_matmul.lora_matmul` (same arguments and shapes: a (M, K); b (K, N); lora_act (M, R); lora_up (R, N),
     any float dtype, cast to a's; bias (N,) contiguous; out (M, N)), on the warp-specialised TMA kernel where
     :func:`supported` holds and on the portable kernel otherwise."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
-    has_lora = lora_s is not None and scaling != 0.0
+    has_lora = lora_act is not None and scaling != 0.0
     if not supported(a, b, out) or (has_lora and not 2.0**-20 <= abs(scaling) <= 2.0**20):
-        return lora_matmul(a, b, lora_s=lora_s, lora_l=lora_l, scaling=scaling, bias=bias, out=out)
+        return lora_matmul(a, b, lora_act=lora_act, lora_up=lora_up, scaling=scaling, bias=bias, out=out)
     c = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
     if has_lora:
-        s, l, l_nk = low_rank_operands(a, lora_s, lora_l)
-        rank = lora_s.shape[1]
+        act, up, up_nk = low_rank_operands(a, lora_act, lora_up)
+        rank = lora_act.shape[1]
     else:
-        s, l, l_nk, rank = a, a, False, 0  # placeholders: never read
+        act, up, up_nk, rank = a, a, False, 0  # placeholders: never read
     b_nk = not _tma_ready(b)  # then b is W^T: describe W (N, K)
     b_desc = b.t() if b_nk else b
-    precision = "ieee" if a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    upcast, precision = dot_options(a.dtype)
     block_m, block_n, block_k, block_r, group_m, split, stages = _config(a.dtype)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     if interpreting():
@@ -251,12 +251,12 @@ def lora_matmul_ws(a: torch.Tensor, b: torch.Tensor, *, lora_s: torch.Tensor | N
         programs = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
         _ensure_allocator()
     _lora_matmul_ws_kernel[(min(programs, tiles),)](
-        a, b_desc, c, s, l, bias if bias is not None else a,
+        a, b_desc, c, act, up, bias if bias is not None else a,
         M, N, K, rank,
-        a.stride(0), b_desc.stride(0), c.stride(0), s.stride(0), l.stride(0),
+        a.stride(0), b_desc.stride(0), c.stride(0), act.stride(0), up.stride(0),
         scaling,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, B_NK=b_nk, L_NK=l_nk,
-        UPCAST=interpreting() and a.dtype == torch.bfloat16, PRECISION=precision,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, B_NK=b_nk, UP_NK=up_nk,
+        UPCAST=upcast, PRECISION=precision,
         WARP_SPECIALIZE=warp_specialize(), NUM_PROGRAMS=programs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=group_m,
         EPILOGUE_SPLIT=split, num_warps=4, num_stages=stages,

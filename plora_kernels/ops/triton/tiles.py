@@ -1,8 +1,21 @@
-"""Triton jit helpers shared by the fused LoRA GEMMs (lora_matmul.py, lora_matmul_tma.py, lora_matmul_ws.py): the
-grouped tile order, the low-rank term, and LoRA dropout's mask. One module both import, so neither imports the
-other's internals."""
+"""Helpers shared by the LoRA GEMM kernels (lora_matmul.py, lora_matmul_tma.py, lora_matmul_ws.py, lora_dy_pass.py):
+how their dots run (the one interpreter-specific choice), the grouped tile order, the low-rank term, and LoRA
+dropout's mask. One module they all import, so none imports another's internals."""
+import torch
 import triton
 import triton.language as tl
+
+from ..._backend import interpreting
+
+
+def dot_options(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, PRECISION) for the dots of a kernel whose operands are ``dtype``. UPCAST: the interpreter
+    multiplies bf16 bit patterns as if they were fp16 (wrong values, no error), so under it bf16 operands are
+    cast to fp32 first. PRECISION: fp32 operands use TF32 where torch's own matmuls may
+    (``torch.backends.cuda.matmul.allow_tf32``), exact fp32 products otherwise."""
+    upcast = interpreting() and dtype == torch.bfloat16
+    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return upcast, "ieee" if ieee else "tf32"
 
 
 @triton.jit
@@ -28,20 +41,20 @@ def dropout_keep(seed, rows, cols0, threshold, BLOCK_R: tl.constexpr, BLOCK_C: t
 
 
 @triton.jit
-def low_rank_seed(s_ptr, l_ptr, rm, rn, M, N, R, stride_sm, stride_sr, stride_lr, stride_ln, scaling,
+def low_rank_seed(act_ptr, up_ptr, rm, rn, M, N, R, stride_actm, stride_actr, stride_upr, stride_upn, scaling,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """scaling * S[rm] @ L[:, rn] in fp32: the accumulator's starting value. The factors (possibly fp32
-    adapters) are cast to S's dtype, as the reference does; r is padded to BLOCK_R >= 16, the smallest dot."""
-    dtype = s_ptr.dtype.element_ty
+    """scaling * ACT[rm] @ UP[:, rn] in fp32: the accumulator's starting value. The factors (possibly fp32
+    adapters) are cast to ACT's dtype, as the reference does; r is padded to BLOCK_R >= 16, the smallest dot."""
+    dtype = act_ptr.dtype.element_ty
     if UPCAST:
         dtype = tl.float32  # the interpreter multiplies bf16 bit patterns; fp32 is right there
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rr = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
-        s = tl.load(s_ptr + rm[:, None] * stride_sm + (r0 + rr)[None, :] * stride_sr,
-                    mask=(rm < M)[:, None] & ((r0 + rr) < R)[None, :], other=0.0)
-        l = tl.load(l_ptr + (r0 + rr)[:, None] * stride_lr + rn[None, :] * stride_ln,
-                    mask=((r0 + rr) < R)[:, None] & (rn < N)[None, :], other=0.0)
-        acc += tl.dot(s.to(dtype), l.to(dtype), input_precision=PRECISION)
+        act = tl.load(act_ptr + rm[:, None] * stride_actm + (r0 + rr)[None, :] * stride_actr,
+                      mask=(rm < M)[:, None] & ((r0 + rr) < R)[None, :], other=0.0)
+        up = tl.load(up_ptr + (r0 + rr)[:, None] * stride_upr + rn[None, :] * stride_upn,
+                     mask=((r0 + rr) < R)[:, None] & (rn < N)[None, :], other=0.0)
+        acc += tl.dot(act.to(dtype), up.to(dtype), input_precision=PRECISION)
     return acc * scaling

@@ -122,6 +122,14 @@ def _round(v, seed, rows, col0, DTYPE: tl.constexpr, ROUND: tl.constexpr, SOFT_B
 # ----------------------------------------------------------------------------------------------- the merge
 
 @triton.jit
+def _add_rank1(delta, a_ptr, b_ptr, k, rm, rn, mask_m, mask_n, s_ar, s_an, s_bm, s_br, COMPUTE: tl.constexpr):
+    """delta + B[rm, k] A[k, rn]: one rank's outer product, in COMPUTE."""
+    b_col = tl.load(b_ptr + rm * s_bm + k * s_br, mask=mask_m, other=0.0).to(COMPUTE)
+    a_row = tl.load(a_ptr + k * s_ar + rn * s_an, mask=mask_n, other=0.0).to(COMPUTE)
+    return delta + b_col[:, None] * a_row[None, :]
+
+
+@triton.jit
 def _merge_kernel(
     table_ptr, coef_ptr, starts_ptr, flag_ptr, n_layers,
     w_like, a_like, b_like,  # the first layer's tensors: they give the pointer types of every layer
@@ -204,18 +212,16 @@ def _merge_kernel(
                 delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision=DOT_PRECISION)
             else:  # one 16-bit dtype: the products are exact in the fp32 accumulator
                 delta = tl.dot(b, a, out_dtype=tl.float32)
-        elif FMA_R > 0:  # the rank unrolled: every factor load is independent of the sums
+        else:  # rank-1 FMAs: unrolled when FMA_R > 0, so every factor load is independent of the sums
             delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-            for k in tl.static_range(FMA_R):
-                b_col = tl.load(b_ptr + rm * s_bm + k * s_br, mask=mask_m, other=0.0).to(COMPUTE)
-                a_row = tl.load(a_ptr + k * s_ar + rn * s_an, mask=mask_n, other=0.0).to(COMPUTE)
-                delta += b_col[:, None] * a_row[None, :]
-        else:
-            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-            for k in range(R):
-                b_col = tl.load(b_ptr + rm * s_bm + k * s_br, mask=mask_m, other=0.0).to(COMPUTE)
-                a_row = tl.load(a_ptr + k * s_ar + rn * s_an, mask=mask_n, other=0.0).to(COMPUTE)
-                delta += b_col[:, None] * a_row[None, :]
+            if FMA_R > 0:
+                for k in tl.static_range(FMA_R):
+                    delta = _add_rank1(delta, a_ptr, b_ptr, k, rm, rn, mask_m, mask_n, s_ar, s_an, s_bm, s_br,
+                                       COMPUTE)
+            else:
+                for k in range(R):
+                    delta = _add_rank1(delta, a_ptr, b_ptr, k, rm, rn, mask_m, mask_n, s_ar, s_an, s_bm, s_br,
+                                       COMPUTE)
         v = w.to(COMPUTE) + tl.load(coef_ptr + layer) * delta
 
         # 3. write the value rounded once into W's dtype; or (the check pass) find whether any rounded value is
