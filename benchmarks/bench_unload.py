@@ -3,8 +3,14 @@ import pytest
 import torch
 from smoke_common import cuda_synced, needs_cuda, needs_interpreter
 
-from plora_kernels.bench.unload import (CONTENDERS, MODEL_MOMENTA, contender_fns, make_tensors, model_specs,
-                                        model_tensors)
+from plora_kernels.bench.unload import (
+    CONTENDERS,
+    MODEL_MOMENTA,
+    contender_fns,
+    make_tensors,
+    model_specs,
+    model_tensors,
+)
 
 CPU_SHAPE = (256, 512, 16)       # out, in, r
 INTERPRETER_SHAPE = (32, 64, 16)  # one tile: the interpreter's cost is per program

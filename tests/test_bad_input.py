@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,18 @@ import torch
 from torch import nn
 
 import plora_kernels as pk
-from plora_kernels import (PeriodicUnloader, PLoRALinear, apply_plora, implementation, lora_linear, merge_plora,
-                           plora_layers, stage_cosine_schedule, unload_, unload_all_)
+from plora_kernels import (
+    PeriodicUnloader,
+    PLoRALinear,
+    apply_plora,
+    implementation,
+    lora_linear,
+    merge_plora,
+    plora_layers,
+    stage_cosine_schedule,
+    unload_,
+    unload_all_,
+)
 from plora_kernels.distributed import unload_dtensor_, unload_sharded_
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from plora_kernels import PeriodicUnloader, apply_plora, plora_layers, unload_
-from plora_kernels.distributed import is_dtensor, unsynced_replicas, unload_dtensor_, unload_sharded_
+from plora_kernels.distributed import is_dtensor, unload_dtensor_, unload_sharded_, unsynced_replicas
 from plora_kernels.train.unloader import unload_generator
 
 WORLD = 2

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+
 from helpers import torchrun_2
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"

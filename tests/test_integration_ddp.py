@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from helpers import torchrun_2
 
 WORKER = Path(__file__).resolve().parent / "ddp_trainer_worker.py"

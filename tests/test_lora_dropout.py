@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from helpers import DEVICE, poison_, triton_runnable
 from plora_kernels import lora_linear
 from plora_kernels.ops import reference, streams
+
+from helpers import DEVICE, poison_, triton_runnable
 
 
 def _tensors(M=37, n_in=72, n_out=24, r=3, dtype=torch.float32):

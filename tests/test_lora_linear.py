@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from helpers import DEVICE, LINEAR_TOL as TOL, poison_, rel_err, triton_runnable
 from plora_kernels import lora_linear
 from plora_kernels.ops import reference
+
+from helpers import DEVICE, LINEAR_TOL as TOL, poison_, rel_err, triton_runnable
 
 SHAPES = [  # (lead dims of x, in, out, r)
     ((7,), 129, 77, 3),

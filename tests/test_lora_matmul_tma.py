@@ -3,9 +3,10 @@ lora_linear where it takes the shapes, and the fall-back to the portable kernel 
 import pytest
 import torch
 
-from helpers import DEVICE, LINEAR_TOL as TOL, poison_, rel_err, triton_runnable
 from plora_kernels import lora_linear
 from plora_kernels.ops.triton import lora_matmul_tma
+
+from helpers import DEVICE, LINEAR_TOL as TOL, poison_, rel_err, triton_runnable
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ persistent programs (lora_matmul_ws.INTERPRETER_CONFIG), so every shape here spa
 import pytest
 import torch
 
-from helpers import DEVICE, LINEAR_TOL, poison_, rel_err, triton_runnable
 from plora_kernels.ops.triton import lora_matmul_ws as ws
+
+from helpers import DEVICE, LINEAR_TOL, poison_, rel_err, triton_runnable
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, K, N, r): edges in M, N and K; r = 3 (rows of S and L not 16-byte aligned: padded copies), 16 (one

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import DEVICE
 from plora_kernels import PLoRALinear, apply_plora, merge_plora, plora_layers, unload_all_
+
+from helpers import DEVICE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from helpers import DEVICE, overflow_fp16_, triton_runnable
 from plora_kernels import lora_linear, unload_
 from plora_kernels.ops import reference
+
+from helpers import DEVICE, overflow_fp16_, triton_runnable
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 

@@ -3,9 +3,10 @@ one host read for any number of layers on the kernel path, and no layer changed 
 import pytest
 import torch
 
-from helpers import DEVICE, overflow_fp16_, triton_runnable
 from plora_kernels import unload_
 from plora_kernels.ops.unload import UnloadSpec, unload_many_
+
+from helpers import DEVICE, overflow_fp16_, triton_runnable
 
 # (out, in, r, W dtype, factor dtype, momentum, rounding): odd shapes, every dtype, both roundings, an empty W
 LAYERS = [

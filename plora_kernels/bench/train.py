@@ -177,7 +177,7 @@ def run_contender(name: str, config, size: dict, device, dtype, args) -> dict:
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: record it and go on with the others
         row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
     finally:
-        del model, opt
+        model = opt = None  # drops the step closure's references too, so the memory can be freed
         gc.collect()
         common.free_memory(device)
     return row

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
@@ -28,8 +27,7 @@ def _alpha_for(scaling: float, r: int) -> float:
 def _lora_layer_types():
     try:
         from peft import PeftModel
-        from peft.tuners.lora import LoraLayer, LoraModel
-        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import Linear as LoraLinear, LoraLayer, LoraModel
         from peft.utils import ModulesToSaveWrapper
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(f"from_peft needs peft installed (pip install peft): {exc}") from exc

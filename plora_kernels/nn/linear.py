@@ -7,11 +7,20 @@ import torch
 from torch import nn
 
 from ..ops import lora_linear
-from ..ops.checks import (FLOAT_DTYPES, check_dropout, check_factors, check_generator, check_int, check_momentum,
-                          check_real, check_rounding, check_scaling)
+from ..ops.checks import (
+    FLOAT_DTYPES,
+    check_dropout,
+    check_factors,
+    check_generator,
+    check_int,
+    check_momentum,
+    check_real,
+    check_rounding,
+    check_scaling,
+)
 from ..ops.merge import Merge, merge_many_
-from ..ops.unload import UnloadSpec, unload_many_
 from ..ops.reference import init_lora_A_
+from ..ops.unload import UnloadSpec, unload_many_
 
 
 def default_rounding(dtype: torch.dtype) -> str:

@@ -11,7 +11,6 @@ from . import streams
 from .formats import FP16_MIN_BIASED_EXP
 
 
-
 def dropped(x, p: float, seed: int):
     """dropout(x) with the mask of ops.streams (kept values scaled by 1/(1-p)); x itself for p = 0."""
     if p == 0.0:

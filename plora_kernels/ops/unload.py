@@ -18,8 +18,7 @@ import torch
 
 from .checks import check_generator_device, check_seed, check_unload_args, shares_memory
 from .merge import Merge, draw_seeds, merge_many_, reset_adapters_
-from .sharded import check_sharded_generator as _check_sharded_generator
-from .sharded import is_dtensor, unload_dtensor_
+from .sharded import check_sharded_generator as _check_sharded_generator, is_dtensor, unload_dtensor_
 
 
 class UnloadSpec(NamedTuple):

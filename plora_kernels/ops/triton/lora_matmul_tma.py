@@ -24,6 +24,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..._backend import autotuning, interpreting
 from .tiles import dot_options, grouped_tile, low_rank_seed
 
+
 def _set_block_shapes(nargs):
     """Autotune pre-hook: each config's tile shapes go into the descriptors before it runs."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]

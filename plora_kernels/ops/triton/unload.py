@@ -32,8 +32,6 @@ from ..._backend import interpreting
 from .. import streams
 from ..formats import FP16_MIN_BIASED_EXP, max_finite, rounding_mode
 
-
-
 # ------------------------------------------------------------------------------------------------ jit helpers
 
 @triton.jit
