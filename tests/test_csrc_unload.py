@@ -14,8 +14,7 @@ import time
 import pytest
 import torch
 
-from plora_kernels.ops import cuda_unload as cu
-from plora_kernels.ops import reference, streams
+from plora_kernels.ops import cuda_unload as cu, reference, streams
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 HALF = [torch.float16, torch.bfloat16]
