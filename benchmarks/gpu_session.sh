@@ -5,8 +5,8 @@
 #   tests  the test suite on the GPU (CPU-only files are left to CI)
 #   quick  the target shapes: `bench linear --quick --pieces` (M=8192, 4096->4096, r=16, bf16 x/W with fp32 and
 #          with bf16 adapters: the cuBLAS floor, PEFT, every resolver implementation of lora_linear and the default,
-#          and the forward's parts; limit $LINEAR_QUICK_TIMEOUT, default 180 s; $LINEAR_ARGS adds flags, e.g.
-#          "--implementations torch,triton"), then `bench unload --quick`:
+#          and the kernels' parts, the backward's dy pass among them; limit $LINEAR_QUICK_TIMEOUT, default 180 s;
+#          $LINEAR_ARGS adds flags, e.g. "--implementations torch,triton"), then `bench unload --quick`:
 #          8192x8192 r=16 bf16 W with bf16 and with fp32 factors (the writing pass and the check pass alone, the
 #          guarded unload_, PEFT's W += and safe_merge, the CUDA twin where it builds), then unload_many_ over the
 #          112 layers of the 1b config. $UNLOAD_ARGS adds flags to bench unload, e.g. "--model none" (no
