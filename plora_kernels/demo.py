@@ -18,12 +18,10 @@ Nothing is downloaded: the models are built from a config with ``HF_HUB_OFFLINE=
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -32,20 +30,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bench.common import PeakMemory
+
 METHODS = ("lora", "plora", "full")
 LABELS = {"lora": "LoRA", "plora": "PLoRA", "full": "full FT"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The built-in default: on 2 CPU cores it must finish within 3 minutes, and PLoRA must clearly beat LoRA at
 # equal rank. The same machine's speed varied 3.5x between sessions: 1200 steps took 51 s on one day and 181 s
-# on another, so the default is 800 steps, 120 s on the slow day. At 800 steps (seed 0) PLoRA removed 1.58x
-# as much of the initial loss as LoRA (76% vs 48%; full FT 99.7%). At 1200 it was 1.70x, 1.67x and 1.74x for
-# seeds 0, 1 and 2.
+# on another, so the default is 800 steps, 120 s on the slow day. At 800 steps (seed 0) with every="auto" (80,
+# the study's rule) PLoRA removed 1.56x as much of the initial loss as LoRA (75% vs 48%; full FT 99.7%); with
+# the earlier fixed every=60 it was 1.58x, and at 1200 steps 1.70x, 1.67x and 1.74x for seeds 0, 1 and 2.
 DEFAULTS = {
     "rank": 4,
     "alpha": None,          # None: alpha = 2 * rank (scaling 2)
     "steps": 800,
-    "every": 60,
+    "every": "auto",        # PLoRA's unload interval: "auto" = plora_kernels.auto_every(steps), 80 at 800 steps
     "momentum": 0.0,
     "lr": 1e-2,             # adapters (LoRA and PLoRA)
     "full_lr": 3e-3,        # full fine-tuning
@@ -151,132 +151,6 @@ def _numerical_rank(delta: torch.Tensor, tol: float) -> float:
     return int((s > tol * s[0]).sum())
 
 
-class _quiet_stderr:
-    """Silence file descriptor 2 (C-level logging) for a moment; a no-op where fd 2 cannot be swapped."""
-
-    def __enter__(self):
-        self._saved = None
-        try:
-            sys.stderr.flush()
-            self._saved = os.dup(2)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            os.close(devnull)
-        except (OSError, AttributeError, ValueError):
-            self._restore()
-        return self
-
-    def _restore(self):
-        if self._saved is not None:
-            os.dup2(self._saved, 2)
-            os.close(self._saved)
-            self._saved = None
-
-    def __exit__(self, *exc):
-        self._restore()
-        return False
-
-
-class _PeakMemory:
-    """Peak memory of training, above what was allocated when it started (the frozen model is not counted).
-
-    CUDA: ``torch.cuda.max_memory_allocated`` over the whole run. CPU: torch has no allocator statistics
-    there, so the first ``window`` steps (which allocate the activations, the gradients and the optimizer
-    state) run under ``torch.profiler`` with memory profiling and the peak of the tensor bytes it saw
-    created minus destroyed is reported; if that is unavailable, the peak resident-set growth of the process
-    (coarse: page granularity, allocator caching). Call :meth:`step_done` after every step."""
-
-    def __init__(self, device: torch.device, window: int = 3):
-        self.device, self.window = device, window
-        self.peak_bytes = None
-        self.kind = None
-        self._steps = 0
-        self._prof = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            self.kind = "torch.cuda.max_memory_allocated above the start, whole run"
-            return self
-        try:
-            from torch.profiler import ProfilerActivity, profile
-
-            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            with _quiet_stderr():  # kineto logs profiler_start/stop lines to fd 2
-                self._prof.start()
-            self.kind = f"peak tensor bytes allocated in the first {self.window} steps (torch.profiler)"
-        except Exception:  # noqa: BLE001 - profiler unavailable: fall back to RSS
-            self._prof = None
-            self._start_rss()
-        return self
-
-    def step_done(self) -> None:
-        self._steps += 1
-        if self._prof is not None and self._steps == self.window:
-            self._finish_profile()
-
-    def _finish_profile(self) -> None:
-        prof, self._prof = self._prof, None
-        with _quiet_stderr():
-            prof.stop()
-        try:
-            # every allocation (+) and free (-) the profiler saw, in time order
-            events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-            events.sort(key=lambda e: e.start_ns())
-            live = peak = 0
-            for e in events:
-                live += e.nbytes()
-                peak = max(peak, live)
-            self.peak_bytes = peak
-        except Exception:  # noqa: BLE001 - profiler internals changed: report nothing rather than guess
-            self.peak_bytes = None
-            self.kind = "unavailable"
-
-    @staticmethod
-    def _status_kb(key: str):
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return None
-
-    def _start_rss(self) -> None:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so it is not counted as free room
-        except (OSError, AttributeError):
-            pass
-        self._hwm = False
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS to the current RSS
-            self._hwm = self._status_kb("VmHWM") is not None
-        except OSError:
-            pass
-        if self._hwm:
-            self._base = self._status_kb("VmRSS")
-            self.kind = "peak RSS growth of the process (coarse)"
-        else:
-            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.kind = "ru_maxrss growth of the process (coarse lower bound)"
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif self._prof is not None:  # fewer steps than the window
-            self._finish_profile()
-        elif self.kind and self.kind.startswith("peak RSS"):
-            self.peak_bytes = max(0, self._status_kb("VmHWM") - self._base) * 1024
-        elif self.kind and self.kind.startswith("ru_maxrss"):
-            self.peak_bytes = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._base) * 1024
-        return False
-
-
 # --------------------------------------------------------------------------------------------------- training
 def _train_one(method: str, student_state: dict, teacher: nn.Module, names: list[str], batches,
                eval_inputs, eval_targets, cfg: dict, dtype, device, progress: bool) -> dict:
@@ -311,7 +185,7 @@ def _train_one(method: str, student_state: dict, teacher: nn.Module, names: list
         bar = tqdm(total=steps, desc=f"{LABELS[method]:>7}", unit="step", leave=True, dynamic_ncols=True,
                    file=sys.stderr)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with _PeakMemory(device) as mem:
+    with PeakMemory(device, profile_steps=3) as mem:
         # full FT of a 16-bit model keeps fp32 master weights (standard mixed precision: pure fp16 AdamW
         # overflows, pure bf16 AdamW loses updates below half an ulp); the adapters are fp32 already
         master = None
@@ -413,7 +287,8 @@ def _real(cfg: dict, key: str, low: float, high: float | None = None, low_open: 
     if high is not None:
         ok = ok and (v < high if high_open else v <= high)
     if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}' + (')' if high_open else ']')}"
+        upper = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+        interval = f"{'(' if low_open else '['}{low:g}, {upper}"
         raise ConfigError(key, f"must be a finite number in {interval}, got {v}")
 
 
@@ -452,11 +327,20 @@ def check_config(methods=METHODS, save: bool = True, **kwargs) -> tuple[dict, tu
         raise ConfigError("methods", f"must be a non-empty subset of {METHODS} without repeats, got {methods!r}")
     cfg = {**DEFAULTS, **{k: v for k, v in kwargs.items() if v is not None}}
     hidden = min(MODEL_CONFIG["hidden_size"], MODEL_CONFIG["intermediate_size"])
-    _positive_int(cfg, "rank", hidden, f" (the smallest targeted layer dimension: a larger rank adds nothing)")
+    _positive_int(cfg, "rank", hidden, " (the smallest targeted layer dimension: a larger rank adds nothing)")
     for key in ("steps", "batch_size"):
         _positive_int(cfg, key)
     _positive_int(cfg, "seq_len", MODEL_CONFIG["max_position_embeddings"], " (the model's max_position_embeddings)")
-    _positive_int(cfg, "every")
+    if isinstance(cfg["every"], str) and cfg["every"] == "auto":
+        from .train.unloader import AUTO_MIN_STEPS, auto_every
+
+        if "plora" in methods and auto_every(cfg["steps"]) > cfg["steps"]:
+            raise ConfigError("every", f"is 'auto', which does not unload in a run of fewer than {AUTO_MIN_STEPS} "
+                                       f"steps (plora study: plain LoRA does as well there), so PLoRA would be LoRA "
+                                       f"at steps={cfg['steps']}; pass steps >= {AUTO_MIN_STEPS} or an int every")
+        cfg["every"] = auto_every(cfg["steps"])
+    elif isinstance(cfg["every"], bool) or not isinstance(cfg["every"], int) or cfg["every"] < 1:
+        raise ConfigError("every", f"must be a positive int or 'auto', got {cfg['every']!r}")
     if "plora" in methods and cfg["every"] > cfg["steps"]:
         raise ConfigError("every", f"must be at most steps={cfg['steps']} (PLoRA would never unload: that is LoRA), "
                                    f"got {cfg['every']}")
@@ -603,7 +487,10 @@ def format_table(summary: dict) -> str:
             f"{r['trainable_params']:,}",
         ])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     rule = "-" * len(line(header))
     out = [
         f"PLoRA demo: distil a tiny Llama teacher into a student whose {len(summary['targeted_layers'])} Linear "
@@ -669,12 +556,28 @@ def _plot(summary: dict, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+def _every_flag(text: str):
+    """``--every``: "auto" or a positive int (argparse reports anything else as a usage error naming the flag)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'auto', got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = DEFAULTS
     parser.add_argument("--rank", type=int, default=d["rank"], help=f"adapter rank r (default {d['rank']})")
     parser.add_argument("--alpha", type=float, default=d["alpha"], help="LoRA alpha (default 2 * rank)")
-    parser.add_argument("--steps", type=int, default=d["steps"], help=f"optimizer steps per method (default {d['steps']})")
-    parser.add_argument("--every", type=int, default=d["every"], help=f"PLoRA unload interval in steps (default {d['every']})")
+    parser.add_argument("--steps", type=int, default=d["steps"],
+                        help=f"optimizer steps per method (default {d['steps']})")
+    parser.add_argument("--every", type=_every_flag, default=d["every"],
+                        help="PLoRA unload interval in steps, or 'auto': max(80, steps // 10), the rule of plora "
+                             f"study (needs steps >= 400) (default {d['every']})")
     parser.add_argument("--momentum", type=float, default=d["momentum"],
                         help=f"PLoRA unload momentum in [0, 1) (default {d['momentum']})")
     parser.add_argument("--lr", type=float, default=d["lr"], help=f"AdamW LR of the adapters (default {d['lr']})")

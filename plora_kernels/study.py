@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .train.unloader import AUTO_MAX_STAGES, AUTO_MIN_STAGE, AUTO_MIN_STAGES, auto_every
+
 # ------------------------------------------------------------------------------------------------ settings
 # The byte-level Llama of the real-text tasks: the demo's architecture (demo.MODEL_CONFIG) with a longer context.
 TEXT_MODEL = {
@@ -101,25 +103,11 @@ RECOMMENDED_PLORA = {"every": "auto", "momentum": 0.0, "optimizer_reset": "zero"
 VARIANT_KEYS = {"steps", "every", "momentum", "optimizer_reset", "restart_warmup", "a_init", "rank_mult"}
 A_INITS = ("redraw", "keep", "rescale")
 
-# The rule for ``every`` (the study's evidence, rank 4, AdamW at the tuned LR): every unload costs the
-# adapter a restart (B is zeroed, so it learns slowly until B has regrown), 1-2.5% of LoRA's loss removed per
-# unload in 150-step real-text runs, where no interval (10-100 steps) won; the extra rank pays for the restarts
-# only once a run has several stages of 80 or more steps: 300 steps (stages of 80) tied on Python code (0.99-1.01x)
-# and won 1-3% on C++, 600 steps won 2% and 9%, the 800-step demo won 55%. So: stages of MIN_STAGE steps or
-# longer, at most MAX_STAGES of them, and no unload at all in a run with room for fewer than MIN_STAGES stages.
-MIN_STAGE = 80
-MIN_STAGES = 5
-MAX_STAGES = 10
-
-
-def auto_every(total_steps: int, min_stage: int = MIN_STAGE, min_stages: int = MIN_STAGES,
-               max_stages: int = MAX_STAGES) -> int:
-    """The unload interval the study supports for a run of ``total_steps`` optimizer steps:
-    ``max(min_stage, total_steps // max_stages)``, or ``total_steps + 1`` (never unload: plain LoRA) when the
-    run is shorter than ``min_stages * min_stage`` steps (400 with the defaults)."""
-    if total_steps < min_stages * min_stage:
-        return total_steps + 1
-    return max(min_stage, total_steps // max_stages)
+# The rule for ``every`` that this study's evidence supports lives in the library, as
+# :func:`plora_kernels.train.auto_every` (its docstring gives the numbers); the study records its parameters.
+MIN_STAGE = AUTO_MIN_STAGE
+MIN_STAGES = AUTO_MIN_STAGES
+MAX_STAGES = AUTO_MAX_STAGES
 
 
 def resolve_every(every, total_steps: int) -> int:
@@ -929,7 +917,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "restart_warmup, a_init, rank_mult; unset keys: the recommended settings); may repeat")
     parser.add_argument("--steps", default=None, help="override steps per task, e.g. demo=200,pycode=60")
     parser.add_argument("--smoke", action="store_true", help="a tiny configuration (seconds), for tests")
-    parser.add_argument("--out", default="benchmarks/results", help="folder of the records (default benchmarks/results)")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="folder of the records (default benchmarks/results)")
     parser.add_argument("--no-cache", action="store_true", help="rebuild the corpora and the pretrained base")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--rebuild", metavar="JSON", default=None,

@@ -121,3 +121,41 @@ def test_cli_demo_unwritable_out_is_refused_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:  # 100000 steps: would run for hours if the check came after training
         cli.main(["demo", "--no-progress", "--steps", "100000", "--out", str(tmp_path / "file" / "out")])
     assert info.value.code == 2 and "argument --out: cannot write" in capsys.readouterr().err
+
+
+# --- issue 18: every="auto" (the study's rule) is the demo's default -------------------------------------------
+
+def test_demo_every_defaults_to_auto_and_resolves_from_steps():
+    import argparse
+
+    from plora_kernels.demo import DEFAULTS, add_arguments, check_config
+
+    assert DEFAULTS["every"] == "auto"
+    parser = add_arguments(argparse.ArgumentParser())
+    assert parser.parse_args([]).every == "auto"
+    assert parser.parse_args(["--every", "auto"]).every == "auto"
+    assert parser.parse_args(["--every", "25"]).every == 25
+    assert check_config(save=False)[0]["every"] == 80                      # 800 steps: every 80
+    assert check_config(save=False, steps=1000)[0]["every"] == 100
+    assert check_config(save=False, steps=1000, every=30)[0]["every"] == 30
+    assert check_config(save=False, steps=100, methods=("lora", "full"))[0]["every"] == 101  # no PLoRA: no check
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "Auto", "never", ""])
+def test_cli_demo_every_flag_refuses_what_is_not_auto_or_a_positive_int(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--no-progress", "--out", str(tmp_path / "out"), "--every", value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --every:" in err and "must be a positive int or 'auto'" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_auto_in_a_short_run_is_refused_before_training(tmp_path, capsys):
+    """400 steps is the rule's minimum: a shorter PLoRA run with every='auto' would not unload (it is LoRA)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--no-progress", "--steps", "399", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --every: is 'auto'" in err and "400" in err, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="every"):
+        run_demo(steps=100, every="sometimes", save=False)

@@ -19,12 +19,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,  # noqa: E402
-                          TrainingArguments)
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import plora_kernels as pk  # noqa: E402
-from plora_kernels.integrations.transformers import (STATE_FILE, PLoRACallback,  # noqa: E402
-                                                     merged_update_sq_norm)
+from plora_kernels.integrations.transformers import STATE_FILE, PLoRACallback, merged_update_sq_norm  # noqa: E402
 from plora_kernels.train.schedule import stage_lr_factor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,11 +132,11 @@ class Probe(TrainerCallback):
             return
         layers = [layer for _, layer in pk.plora_layers(model)]
         if self.before:  # explicit ||(1-m) s B A||_F over all layers, with the full out x in product
-            sq = sum(float(((1 - l.momentum) * l.scaling * (l.lora_B @ l.lora_A)).double().pow(2).sum())
-                     for l in layers)
+            sq = sum(float(((1 - lay.momentum) * lay.scaling * (lay.lora_B @ lay.lora_A)).double().pow(2).sum())
+                     for lay in layers)
             self.expected_norms.append(math.sqrt(sq))
         else:  # "zero" policy: Adam moments and step count of every adapter parameter are zero
-            self.reset_ok.append(all(bool((v == 0).all()) for l in layers for p in (l.lora_A, l.lora_B)
+            self.reset_ok.append(all(bool((v == 0).all()) for lay in layers for p in (lay.lora_A, lay.lora_B)
                                      for v in optimizer.state[p].values() if torch.is_tensor(v)))
 
 
@@ -185,8 +183,8 @@ def test_merged_update_norm_from_gram_matrices():
         with torch.no_grad():
             layer.lora_B.normal_()  # non-zero adapters: B is zero at init
         layer.momentum = 0.25 * (i % 3)
-    want = sum(((1 - l.momentum) * l.scaling * (l.lora_B @ l.lora_A)).double().pow(2).sum()
-               for _, l in pk.plora_layers(model))
+    want = sum(((1 - lay.momentum) * lay.scaling * (lay.lora_B @ lay.lora_A)).double().pow(2).sum()
+               for _, lay in pk.plora_layers(model))
     assert float(merged_update_sq_norm(model)) == pytest.approx(float(want), rel=1e-5)
     assert merged_update_sq_norm(nn.Linear(2, 2)) is None
 
@@ -205,6 +203,68 @@ def test_callback_rejects_bad_arguments():
     with pytest.raises(ValueError, match="PLoRALinear"):  # a model that was never patched
         PLoRACallback(every=2).on_train_begin(None, SimpleNamespace(global_step=0), None,
                                               model=nn.Sequential(nn.Linear(2, 2)), optimizer=None)
+
+
+# ------------------------------------------------------------------------------- every="auto" (the default)
+def test_callback_default_every_is_auto_resolved_from_max_steps():
+    callback = PLoRACallback()
+    assert callback.every == "auto" and callback.state()["args"]["every"] == "auto"
+    for max_steps, every in ((400, 80), (800, 80), (1000, 100), (5000, 500)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            callback.on_train_begin(None, SimpleNamespace(global_step=0, max_steps=max_steps), None,
+                                    model=tiny_plora_model(), optimizer=None)
+        assert callback.unloader.every == every == pk.auto_every(max_steps)
+        assert callback.state()["attributes"]["_checkpoint_state"]["every"] == every  # the int, for checkpoints
+        assert callback.state()["args"]["every"] == "auto"  # what rebuilds the callback
+    with pytest.raises(ValueError, match="every"):
+        PLoRACallback(every="sometimes")
+    assert PLoRACallback(every=7).every == 7
+
+
+@pytest.mark.parametrize("max_steps", [None, 0, -1, 10.0])
+def test_callback_auto_without_a_known_run_length_is_a_clear_error(max_steps):
+    model = tiny_plora_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = SimpleNamespace(global_step=0) if max_steps is None else SimpleNamespace(global_step=0,
+                                                                                       max_steps=max_steps)
+    with pytest.raises(ValueError, match="max_steps"):
+        PLoRACallback(momentum=0.5).on_train_begin(None, state, None, model=model, optimizer=None)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(layer.momentum == 0.0 for _, layer in pk.plora_layers(model))
+
+
+def test_callback_auto_in_a_short_trainer_run_warns_and_trains_plain_lora(tmp_path):
+    model = tiny_plora_model()
+    callback = PLoRACallback()
+    with pytest.warns(UserWarning, match=r"every='auto'.*max_steps=4.*plain LoRA"):
+        train(tmp_path, model, [callback], max_steps=4, save_steps=100)
+    assert callback.unloader.every == 5 and callback.unloader.num_unloads == 0
+    assert all(int(layer.num_unloads) == 0 for _, layer in pk.plora_layers(model))
+
+
+def test_callback_auto_through_the_trainer_checkpoint_and_resume(tmp_path, monkeypatch):
+    """The Trainer's max_steps reaches the rule, the checkpoint stores the resolved interval, and a resumed
+    run resolves the same one. A stand-in rule (max_steps // 4) keeps the run at 8 steps."""
+    import plora_kernels.integrations.transformers as integration
+
+    monkeypatch.setattr(integration, "auto_every", lambda n: n // 4)
+    full_model = tiny_plora_model()
+    full = PLoRACallback()
+    train(tmp_path / "full", full_model, [full], max_steps=8)
+    assert full.unloader.every == 2 and full.unloader.num_unloads == 4
+
+    train(tmp_path / "part", tiny_plora_model(), [PLoRACallback(), StopAt(6)], max_steps=8)
+    ckpt = tmp_path / "part" / "checkpoint-6"
+    assert json.loads((ckpt / STATE_FILE).read_text())["every"] == 2
+    record = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["PLoRACallback"]
+    assert record["args"]["every"] == "auto" and record["attributes"]["_checkpoint_state"]["every"] == 2
+    resumed_model = tiny_plora_model(seed=5)
+    resumed = PLoRACallback()
+    train(tmp_path / "resumed", resumed_model, [resumed], max_steps=8, resume=str(ckpt))
+    assert (resumed.unloader.every, resumed.unloader.step_count, resumed.unloader.num_unloads) == (2, 8, 4)
+    want = full_model.state_dict()
+    assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in want.items())
 
 
 class Wrapped(nn.Module):

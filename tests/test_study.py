@@ -8,11 +8,16 @@ from torch import nn
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from plora_kernels import apply_plora  # noqa: E402
-from plora_kernels import study  # noqa: E402
+from plora_kernels import (
+    apply_plora,  # noqa: E402
+    study,  # noqa: E402
+)
 
 
 def test_auto_every_rule():
+    import plora_kernels
+
+    assert study.auto_every is plora_kernels.auto_every  # one rule: the library's
     m, k = study.MIN_STAGE, study.MIN_STAGES
     assert (m, k, study.MAX_STAGES) == (80, 5, 10)
     for short in (1, 150, 300, k * m - 1):               # room for fewer than k stages: never unload

@@ -3,7 +3,10 @@
 Two lines in a Trainer script::
 
     model = plora_kernels.apply_plora(model, r=16, alpha=32)
-    trainer = Trainer(model, args, train_dataset=ds, callbacks=[PLoRACallback(every=500)])
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[PLoRACallback()])
+
+``PLoRACallback()`` picks the unload interval from the run's length (``every="auto"``, the rule of
+:func:`plora_kernels.auto_every`); ``PLoRACallback(every=500)`` fixes it.
 
 The callback drives a :class:`plora_kernels.PeriodicUnloader` (built from the Trainer's model and optimizer
 when training begins), so the unload rule, the optimizer-state reset and the per-unload seeds are exactly
@@ -24,7 +27,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..nn.patching import plora_layers
 from ..ops.checks import check_int, check_momentum
-from ..train.unloader import OPTIMIZER_RESETS, PeriodicUnloader
+from ..train.unloader import AUTO_MIN_STEPS, OPTIMIZER_RESETS, PeriodicUnloader, auto_every, check_every
 
 STATE_FILE = "plora_state.json"
 
@@ -78,7 +81,10 @@ class PLoRACallback(TrainerCallback, ExportableState):
     unload step already holds the merged weights.
 
     Args:
-        every: stage length in optimizer steps.
+        every: stage length in optimizer steps, or "auto" (the default): :func:`plora_kernels.auto_every` of
+            the Trainer's ``state.max_steps``, chosen when training begins (ValueError if max_steps is unknown).
+            That is ``max(80, max_steps // 10)``, or no unload at all (plain LoRA, with a UserWarning) for a run of
+            fewer than 400 steps, the rule ``plora study`` found. The resolved int is what checkpoints store.
         momentum: if given, set as ``momentum`` on every PLoRALinear when training begins (fraction of the
             adapter kept at each unload, in [0, 1)); None keeps each layer's own value.
         optimizer_reset: the adapters' optimizer-state policy at an unload, "zero", "scale" or "keep"; None
@@ -96,11 +102,12 @@ class PLoRACallback(TrainerCallback, ExportableState):
     ``restore_callback_states_from_checkpoint`` need not be set.
     """
 
-    def __init__(self, every: int, momentum: float | None = None, optimizer_reset: str | None = None,
+    def __init__(self, every: int | str = "auto", momentum: float | None = None, optimizer_reset: str | None = None,
                  seed: int = 0):
         # checked here as well as in PeriodicUnloader so that a bad value fails when the Trainer is built,
         # not minutes later when training begins
-        check_int("every", every, minimum=1)  # optimizer steps per stage
+        if not (isinstance(every, str) and every == "auto"):
+            every = check_every(every)  # optimizer steps per stage
         if momentum is not None:
             momentum = check_momentum(momentum)
         if optimizer_reset is not None and optimizer_reset not in OPTIMIZER_RESETS:
@@ -112,16 +119,28 @@ class PLoRACallback(TrainerCallback, ExportableState):
         self._pending_sq_norm: torch.Tensor | None = None  # of the last unload; read only when logging
 
     # ------------------------------------------------------------------------------------------ driver
-    def _build(self, model, optimizer) -> PeriodicUnloader:
+    def _resolve_every(self, state) -> int:
+        """``every`` as steps: the int given, or for "auto" :func:`auto_every` of the Trainer's ``max_steps``."""
+        if not (isinstance(self.every, str) and self.every == "auto"):
+            return self.every
+        max_steps = getattr(state, "max_steps", None)
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
+            raise ValueError(f"PLoRACallback(every='auto') chooses the unload interval from the run's length, but the "
+                             f"Trainer's state.max_steps is {max_steps!r}; set TrainingArguments(max_steps=...) (or "
+                             "num_train_epochs with a dataset of known length), or pass an int every")
+        return auto_every(max_steps)
+
+    def _build(self, model, optimizer, state) -> PeriodicUnloader:
         """The unloader for ``model``; the layers' momentum is set by :meth:`_apply_momentum` once nothing else can
         fail (an error leaves the model as it was)."""
         if model is None:
             raise ValueError("PLoRACallback needs the Trainer's model (the callback kwarg 'model' was None)")
         model = unwrap_model(model)
+        every = self._resolve_every(state)
         reset = self.optimizer_reset
         if reset is None and self.momentum is not None:  # PeriodicUnloader's default once every layer has it
             reset = "zero" if self.momentum == 0 else "scale"
-        return PeriodicUnloader(model, unwrap_optimizer(optimizer), self.every, optimizer_reset=reset, seed=self.seed)
+        return PeriodicUnloader(model, unwrap_optimizer(optimizer), every, optimizer_reset=reset, seed=self.seed)
 
     def _apply_momentum(self, unloader: PeriodicUnloader) -> None:
         if self.momentum is not None:
@@ -130,18 +149,23 @@ class PLoRACallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         # rebuilt on every train() call: the Trainer may have made a new optimizer (or been given a new model)
-        unloader = self._build(model, optimizer)
+        unloader = self._build(model, optimizer, state)
         last = self._restore(unloader, args, state) if state.global_step > 0 else None  # resumed from a checkpoint
         max_steps = getattr(state, "max_steps", None)
-        if isinstance(max_steps, int) and 0 < max_steps < self.every:
-            warnings.warn(f"PLoRACallback: every={self.every} is more than the run's max_steps={max_steps}: no unload "
-                          "will happen (this trains plain LoRA)", UserWarning, stacklevel=2)
+        if isinstance(max_steps, int) and 0 < max_steps < unloader.every:
+            if self.every == "auto":
+                warnings.warn(f"PLoRACallback: every='auto' does not unload in a run of fewer than "
+                              f"{AUTO_MIN_STEPS} steps (max_steps={max_steps}; plora study: plain "
+                              "LoRA did as well or better there): this trains plain LoRA", UserWarning, stacklevel=2)
+            else:
+                warnings.warn(f"PLoRACallback: every={self.every} is more than the run's max_steps={max_steps}: no "
+                              "unload will happen (this trains plain LoRA)", UserWarning, stacklevel=2)
         self._apply_momentum(unloader)
         self.unloader, self.last_delta_norm, self._pending_sq_norm = unloader, last, None
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.unloader is None:
-            unloader = self._build(model, optimizer)
+            unloader = self._build(model, optimizer, state)
             self._apply_momentum(unloader)
             self.unloader = unloader
         u = self.unloader
@@ -169,7 +193,8 @@ class PLoRACallback(TrainerCallback, ExportableState):
     def _saved_state(self) -> dict:
         if self.unloader is not None:
             saved = self.unloader.state_dict()
-        else:  # the Trainer asks before training begins (TrainerState init): a stage driver at step 0
+        else:  # the Trainer asks before training begins (TrainerState init): a stage driver at step 0 (with
+            # every="auto" still unresolved: the run's length is not known yet)
             saved = {"every": self.every, "step_count": 0, "num_unloads": 0, "seed": self.seed,
                      "optimizer_reset": self.optimizer_reset}
         saved["last_delta_norm"] = self._delta_norm()
@@ -200,9 +225,9 @@ class PLoRACallback(TrainerCallback, ExportableState):
             # a checkpoint written without this callback: the stage position follows from the step count alone
             # if ``every`` never changed, which is the best available guess
             warnings.warn(f"PLoRACallback: resuming at step {state.global_step} but the checkpoint has no PLoRA "
-                          f"state; assuming every={self.every} held throughout", stacklevel=3)
-            saved = {"every": self.every, "step_count": state.global_step,
-                     "num_unloads": state.global_step // self.every, "seed": unloader.seed,
+                          f"state; assuming every={unloader.every} held throughout", stacklevel=3)
+            saved = {"every": unloader.every, "step_count": state.global_step,
+                     "num_unloads": state.global_step // unloader.every, "seed": unloader.seed,
                      "optimizer_reset": unloader.optimizer_reset}
         if not isinstance(saved, dict):
             raise ValueError(f"PLoRA state in the checkpoint must be a dict, got {type(saved).__name__}")

@@ -6,6 +6,7 @@ import math
 import torch
 
 from ..ops.checks import check_int, check_real
+from .unloader import check_every
 
 
 def stage_lr_factor(step: int, total_steps: int, every: int, warmup: int = 0, restart_warmup: int = 0,
@@ -22,18 +23,22 @@ def stage_lr_factor(step: int, total_steps: int, every: int, warmup: int = 0, re
     return factor
 
 
-def stage_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, every: int, warmup: int = 0,
-                          restart_warmup: int = 0, min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+def stage_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, every: int | str = "auto",
+                          warmup: int = 0, restart_warmup: int = 0,
+                          min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR: linear warmup, cosine decay to ``min_lr_ratio``, and ``restart_warmup`` steps of linear
     re-warmup after every unload (every ``every`` steps). Step it once per optimizer step.
 
-    ``total_steps`` and ``every`` are positive ints (``every > total_steps``: one stage, no re-warmup),
-    ``warmup`` an int in [0, total_steps], ``restart_warmup`` a non-negative int, ``min_lr_ratio`` in [0, 1].
+    ``total_steps`` is a positive int; ``every`` a positive int (``every > total_steps``: one stage, no
+    re-warmup) or "auto" (the default): :func:`plora_kernels.train.auto_every` of ``total_steps``, the interval
+    that ``PeriodicUnloader(every="auto", total_steps=...)`` and ``PLoRACallback()`` use for the same run (one
+    stage for a run of fewer than 400 steps); ``warmup`` an int in [0, total_steps], ``restart_warmup`` a
+    non-negative int, ``min_lr_ratio`` in [0, 1].
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     total_steps = check_int("total_steps", total_steps, minimum=1)
-    every = check_int("every", every, minimum=1)
+    every = check_every(every, total_steps)
     warmup = check_int("warmup", warmup, minimum=0)
     if warmup > total_steps:
         raise ValueError(f"warmup must be at most total_steps={total_steps}, got {warmup}")

@@ -1,6 +1,7 @@
 """PeriodicUnloader: the PeriodicLoRA stage driver for a plain training loop."""
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping
 
@@ -13,6 +14,64 @@ from ..ops import streams
 from ..ops.checks import check_int
 
 OPTIMIZER_RESETS = ("zero", "scale", "keep")
+
+# The rule of :func:`auto_every` (see its docstring for the evidence): stages of at least AUTO_MIN_STAGE steps,
+# at most AUTO_MAX_STAGES of them, and no unload in a run with room for fewer than AUTO_MIN_STAGES stages.
+AUTO_MIN_STAGE = 80
+AUTO_MIN_STAGES = 5
+AUTO_MAX_STAGES = 10
+AUTO_MIN_STEPS = AUTO_MIN_STAGES * AUTO_MIN_STAGE  # 400: a shorter run does not unload
+
+
+def auto_every(total_steps: int, *, min_stage: int = AUTO_MIN_STAGE, min_stages: int = AUTO_MIN_STAGES,
+               max_stages: int = AUTO_MAX_STAGES) -> int:
+    """The unload interval (optimizer steps per stage) for a run of ``total_steps`` optimizer steps.
+
+    With the defaults: a run of fewer than 400 steps gets ``total_steps + 1``, an interval longer than the run,
+    which means *never unload*: :class:`PeriodicUnloader` then makes no unload and
+    :func:`stage_cosine_schedule` has one stage, which is plain LoRA. A run of 400 steps or more gets
+    ``max(80, total_steps // 10)``: stages of at least 80 steps and at most about 10 of them (5 to 10 stages).
+    For example 400 -> 80, 800 -> 80, 1000 -> 100, 5000 -> 500. In general: ``total_steps + 1`` below
+    ``min_stages * min_stage`` steps, else ``max(min_stage, total_steps // max_stages)``.
+
+    Where the numbers come from: ``plora study`` (``plora_kernels/study.py``; records in
+    ``benchmarks/results/study-*.json``), rank-4 adapters, AdamW with a tuned learning rate near 1e-2, batch 16,
+    small byte-level Llama models. Each unload zeroes B, so the adapter restarts slowly; in 150-step runs every
+    interval tried (10 to 100 steps) lost to plain LoRA (0.86-0.99x of its loss removed). With stages of 80
+    steps the extra rank pays back those restarts once the run is long enough: 300 steps tied with LoRA (1.00x on
+    Python code, 1.02x on C++ headers), 600 steps won (1.02x and 1.09x), and the 800-step demo task won 1.55x.
+    The 80-step minimum was measured at that learning rate and batch size; with a much smaller learning rate,
+    stages likely need to be longer.
+
+    ``total_steps`` is a non-negative int (TypeError for another type, ValueError if negative); ``min_stage``,
+    ``min_stages`` and ``max_stages`` are positive ints with ``min_stages <= max_stages``.
+    """
+    total_steps = check_int("total_steps", total_steps, minimum=0, error=TypeError)
+    min_stage = check_int("min_stage", min_stage, minimum=1, error=TypeError)
+    min_stages = check_int("min_stages", min_stages, minimum=1, error=TypeError)
+    max_stages = check_int("max_stages", max_stages, minimum=1, error=TypeError)
+    if min_stages > max_stages:
+        raise ValueError(f"min_stages must be at most max_stages={max_stages}, got {min_stages}")
+    if total_steps < min_stages * min_stage:
+        return total_steps + 1  # longer than the run: no unload
+    return max(min_stage, total_steps // max_stages)
+
+
+def check_every(every, total_steps=None) -> int:
+    """``every`` as an int: a positive int is returned as it is, "auto" is :func:`auto_every` of ``total_steps``
+    (which it then needs). ValueError naming ``every`` for anything else, naming ``total_steps`` when "auto" comes
+    without it; ``total_steps``, when given, must be a positive int (TypeError / ValueError naming it)."""
+    if total_steps is not None:
+        total_steps = check_int("total_steps", total_steps, minimum=1, error=TypeError)
+    if isinstance(every, str) and every == "auto":
+        if total_steps is None:
+            raise ValueError("every='auto' needs total_steps (the run's optimizer steps) to choose the unload "
+                             "interval; pass total_steps=N, or an int every")
+        return auto_every(total_steps)
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise ValueError(f"every must be a positive int (optimizer steps per stage) or 'auto', got {every!r}"
+                         + ("" if isinstance(every, (int, str)) else f" ({type(every).__name__})"))
+    return int(every)
 
 
 def unload_seed(seed: int, unload_index: int, layer_index: int) -> int:
@@ -40,19 +99,23 @@ class PeriodicUnloader:
     Args:
         model: a model holding PLoRALinear layers (see :func:`plora_kernels.apply_plora`).
         optimizer: the optimizer over the adapters; its per-parameter state for lora_A/lora_B is reset.
-        every: stage length in optimizer steps.
+        every: stage length in optimizer steps, or "auto": the interval :func:`auto_every` chooses for a run
+            of ``total_steps`` steps (which "auto" needs); for a run of fewer than 400 steps that is
+            ``total_steps + 1``, so no unload happens (plain LoRA) and a UserWarning says so.
+        total_steps: the run's length in optimizer steps; needed only with ``every="auto"``.
         optimizer_reset: "zero" (moments and step count zeroed: a fresh Adam for the adapter), "scale"
             (moments multiplied by the layer's momentum), or "keep". None: "zero" when every layer has
             momentum 0, else "scale".
         seed: base seed for the fresh lora_A draws and stochastic rounding (same on every rank).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, every: int, *,
-                 optimizer_reset: str | None = None, seed: int = 0):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, every: int | str, *,
+                 total_steps: int | None = None, optimizer_reset: str | None = None, seed: int = 0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module holding PLoRALinear layers, got {type(model).__name__}")
         check_optimizer(optimizer)
-        check_int("every", every, minimum=1)
+        auto = isinstance(every, str) and every == "auto"
+        every = check_every(every, total_steps)  # "auto" -> an int; state_dict() stores that int
         seed = check_int("seed", seed, error=TypeError)
         if optimizer_reset is not None and optimizer_reset not in OPTIMIZER_RESETS:
             raise ValueError(f"optimizer_reset must be one of {OPTIMIZER_RESETS} or None, got {optimizer_reset!r}")
@@ -70,7 +133,12 @@ class PeriodicUnloader:
                               "optimizer after apply_plora, over the model's trainable parameters", stacklevel=2)
         if optimizer_reset is None:
             optimizer_reset = "zero" if all(layer.momentum == 0 for layer in self.layers) else "scale"
+        if auto and every > total_steps:
+            warnings.warn(f"PeriodicUnloader: every='auto' does not unload in a run of fewer than "
+                          f"{AUTO_MIN_STEPS} steps (total_steps={total_steps}; plora study: plain "
+                          "LoRA did as well or better there): this trains plain LoRA", UserWarning, stacklevel=2)
         self.optimizer, self.every, self.optimizer_reset, self.seed = optimizer, every, optimizer_reset, seed
+        self.total_steps = total_steps
         self.step_count = 0
         self.num_unloads = 0
 
