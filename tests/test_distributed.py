@@ -121,6 +121,13 @@ def _spawn(fn, *args):
                 p.join()
 
 
+def _spawned_results(tmp_path_factory, worker, name: str) -> str:
+    """The folder into which ``worker`` (run on WORLD processes) saved its scenarios' states."""
+    out_dir = str(tmp_path_factory.mktemp(name))
+    _spawn(worker, out_dir)
+    return out_dir
+
+
 def _init(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -161,9 +168,7 @@ def _ddp_worker(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("ddp"))
-    _spawn(_ddp_worker, out_dir)
-    return out_dir
+    return _spawned_results(tmp_path_factory, _ddp_worker, "ddp")
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -277,9 +282,7 @@ def _fsdp_worker(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("fsdp"))
-    _spawn(_fsdp_worker, out_dir)
-    return out_dir
+    return _spawned_results(tmp_path_factory, _fsdp_worker, "fsdp")
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
