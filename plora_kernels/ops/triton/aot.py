@@ -86,8 +86,8 @@ def compile_unload(*, w: str = "bf16", factors: str = "fp32", r: int = 16, round
     options = {"enable_fp_fusion": meta.pop("enable_fp_fusion")}
     compute = "fp64" if w == "fp64" else "fp32"
     types = dict(table_ptr="*i64", coef_ptr="*" + compute, starts_ptr="*i64", flag_ptr="*i32", n_layers="i32",
-                 w_like="*" + w, a_like="*" + factors, b_like="*" + factors)
-    divisible = ("table_ptr", "coef_ptr", "starts_ptr", "flag_ptr", "w_like", "a_like", "b_like")
+                 w_like="*" + w, lora_A_like="*" + factors, lora_B_like="*" + factors)
+    divisible = ("table_ptr", "coef_ptr", "starts_ptr", "flag_ptr", "w_like", "lora_A_like", "lora_B_like")
     return _compile(unload._merge_kernel, types, meta, unit=(), divisible=divisible, arch=arch, num_warps=warps,
                     **options)
 
@@ -95,9 +95,9 @@ def compile_unload(*, w: str = "bf16", factors: str = "fp32", r: int = 16, round
 def compile_init(*, a: str = "fp32", arch: int = 90):
     """``_init_kernel`` (the fresh lora_A draws) as ``init_lora_A_group_`` launches it on a GPU."""
     _need_compiler()
-    types = dict(table_ptr="*i64", starts_ptr="*i64", n_layers="i32", a_like="*" + a)
+    types = dict(table_ptr="*i64", starts_ptr="*i64", n_layers="i32", lora_A_like="*" + a)
     return _compile(unload._init_kernel, types, dict(BLOCK_R=INIT_TILE[0], BLOCK_N=INIT_TILE[1], SOFT_BF16=False),
-                    unit=(), divisible=("table_ptr", "starts_ptr", "a_like"), arch=arch, num_warps=INIT_TILE[2])
+                    unit=(), divisible=("table_ptr", "starts_ptr", "lora_A_like"), arch=arch, num_warps=INIT_TILE[2])
 
 
 def compile_lora_matmul(*, x="bf16", adapters="fp32", lora=True, bias=False, block_m=128, block_n=256,

@@ -120,17 +120,17 @@ def _round(v, seed, rows, col0, DTYPE: tl.constexpr, ROUND: tl.constexpr, SOFT_B
 # ----------------------------------------------------------------------------------------------- the merge
 
 @triton.jit
-def _add_rank1(delta, a_ptr, b_ptr, k, rm, rn, mask_m, mask_n, s_ar, s_an, s_bm, s_br, COMPUTE: tl.constexpr):
+def _add_rank1(delta, lora_A_ptr, lora_B_ptr, k, rm, rn, mask_m, mask_n, s_ar, s_an, s_bm, s_br, COMPUTE: tl.constexpr):
     """delta + B[rm, k] A[k, rn]: one rank's outer product, in COMPUTE."""
-    b_col = tl.load(b_ptr + rm * s_bm + k * s_br, mask=mask_m, other=0.0).to(COMPUTE)
-    a_row = tl.load(a_ptr + k * s_ar + rn * s_an, mask=mask_n, other=0.0).to(COMPUTE)
-    return delta + b_col[:, None] * a_row[None, :]
+    lora_B_col = tl.load(lora_B_ptr + rm * s_bm + k * s_br, mask=mask_m, other=0.0).to(COMPUTE)
+    lora_A_row = tl.load(lora_A_ptr + k * s_ar + rn * s_an, mask=mask_n, other=0.0).to(COMPUTE)
+    return delta + lora_B_col[:, None] * lora_A_row[None, :]
 
 
 @triton.jit
 def _merge_kernel(
     table_ptr, coef_ptr, starts_ptr, flag_ptr, n_layers,
-    w_like, a_like, b_like,  # the first layer's tensors: they give the pointer types of every layer
+    w_like, lora_A_like, lora_B_like,  # the first layer's tensors: they give the pointer types of every layer
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FMA_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FACTORS_FP32: tl.constexpr, ROUND: tl.constexpr, SOFT_BF16: tl.constexpr,
     CONTIG: tl.constexpr, WRITE: tl.constexpr, EXACT: tl.constexpr, MAX_FINITE: tl.constexpr,
@@ -146,7 +146,7 @@ def _merge_kernel(
     FMA contraction, so they compute the same values bit for bit.
     """
     W_T: tl.constexpr = w_like.dtype.element_ty
-    A_T: tl.constexpr = a_like.dtype.element_ty
+    A_T: tl.constexpr = lora_A_like.dtype.element_ty
     COMPUTE: tl.constexpr = tl.float64 if W_T == tl.float64 else tl.float32
     VEC_W: tl.constexpr = 16 // W_T.primitive_bitwidth * 8
     VEC_A: tl.constexpr = 16 // A_T.primitive_bitwidth * 8
@@ -196,30 +196,30 @@ def _merge_kernel(
         w = tl.load(w_ptrs, mask=mask, other=0.0)
 
         # 2. this tile of B A, in fp32 (fp64 for an fp64 W)
-        a_ptr = tl.load(row + 1).to(tl.pointer_type(A_T))
+        lora_A_ptr = tl.load(row + 1).to(tl.pointer_type(A_T))
         if CONTIG:
-            a_ptr = tl.multiple_of(a_ptr, 16)
-        b_ptr = tl.load(row + 2).to(tl.pointer_type(b_like.dtype.element_ty))
+            lora_A_ptr = tl.multiple_of(lora_A_ptr, 16)
+        lora_B_ptr = tl.load(row + 2).to(tl.pointer_type(lora_B_like.dtype.element_ty))
         if DOT:
             rr = tl.arange(0, BLOCK_R)
-            b = tl.load(b_ptr + rm[:, None] * s_bm + rr[None, :] * s_br, mask=mask_m[:, None] & (rr[None, :] < R),
-                        other=0.0)
-            a = tl.load(a_ptr + rr[:, None] * s_ar + rn[None, :] * s_an, mask=(rr[:, None] < R) & mask_n[None, :],
-                        other=0.0)
+            lora_B = tl.load(lora_B_ptr + rm[:, None] * s_bm + rr[None, :] * s_br,
+                             mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
+            lora_A = tl.load(lora_A_ptr + rr[:, None] * s_ar + rn[None, :] * s_an,
+                             mask=(rr[:, None] < R) & mask_n[None, :], other=0.0)
             if FACTORS_FP32:
-                delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision=DOT_PRECISION)
+                delta = tl.dot(lora_B.to(tl.float32), lora_A.to(tl.float32), input_precision=DOT_PRECISION)
             else:  # one 16-bit dtype: the products are exact in the fp32 accumulator
-                delta = tl.dot(b, a, out_dtype=tl.float32)
+                delta = tl.dot(lora_B, lora_A, out_dtype=tl.float32)
         else:  # rank-1 FMAs: unrolled when FMA_R > 0, so every factor load is independent of the sums
             delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
             if FMA_R > 0:
                 for k in tl.static_range(FMA_R):
-                    delta = _add_rank1(delta, a_ptr, b_ptr, k, rm, rn, mask_m, mask_n, s_ar, s_an, s_bm, s_br,
-                                       COMPUTE)
+                    delta = _add_rank1(delta, lora_A_ptr, lora_B_ptr, k, rm, rn, mask_m, mask_n, s_ar, s_an,
+                                       s_bm, s_br, COMPUTE)
             else:
                 for k in range(R):
-                    delta = _add_rank1(delta, a_ptr, b_ptr, k, rm, rn, mask_m, mask_n, s_ar, s_an, s_bm, s_br,
-                                       COMPUTE)
+                    delta = _add_rank1(delta, lora_A_ptr, lora_B_ptr, k, rm, rn, mask_m, mask_n, s_ar, s_an,
+                                       s_bm, s_br, COMPUTE)
         v = w.to(COMPUTE) + tl.load(coef_ptr + layer) * delta
 
         # 3. write the value rounded once into W's dtype; or (the check pass) find whether any rounded value is
@@ -251,11 +251,11 @@ def _merge_kernel(
 # ----------------------------------------------------------------------------------------------- lora_A draws
 
 @triton.jit
-def _init_kernel(table_ptr, starts_ptr, n_layers, a_like, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+def _init_kernel(table_ptr, starts_ptr, n_layers, lora_A_like, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                  SOFT_BF16: tl.constexpr):
     """lora_A <- bound * z for every layer of the table (a_ptr, r, in, stride_r, stride_in, seed, bound bits):
     ops.streams' init stream, 4 elements per Philox call."""
-    A_T: tl.constexpr = a_like.dtype.element_ty
+    A_T: tl.constexpr = lora_A_like.dtype.element_ty
     COMPUTE: tl.constexpr = tl.float64 if A_T == tl.float64 else tl.float32
     tile = tl.program_id(0)
     layer = 0
