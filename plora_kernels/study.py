@@ -22,10 +22,11 @@ Nothing is downloaded (``HF_HUB_OFFLINE=1``). The pretrained base models and the
 ``$PLORA_STUDY_CACHE`` (default ``~/.cache/plora_kernels/study``). Records go to
 ``benchmarks/results/study-<timestamp>.{json,png,txt}`` (``--out``).
 
-Run: ``python -m plora_kernels.study`` (the main comparison: 36 training runs after de-duplication, about 4-5
-minutes on 2 idle cores, estimated from per-step times; 17-22 minutes were measured on a shared machine at a
-load average of 5-7), ``--suite ablations`` (why PLoRA lost with the old defaults: momentum, optimizer state,
-re-warm-up, A kept or re-drawn, unload interval, rank, run length, the demo's task; ~3x the main suite),
+Run: ``plora study`` or ``python -m plora_kernels.study`` (the main comparison: 36 training runs after
+de-duplication; measured on 2 idle cores, 2026-11-30: 4 min 1 s with an empty cache, corpora and base model
+built included, 4 min 8 s with a warm one; 17-22 minutes on a shared machine at a load average of 5-7),
+``--suite ablations`` (why PLoRA lost with the old defaults: momentum, optimizer state, re-warm-up, A kept or
+re-drawn, unload interval, rank, run length, the demo's task; ~3x the main suite),
 ``--suite length`` (the run-length lines only), ``--suite all``; ``--smoke`` for a tiny configuration (tests);
 ``--rebuild RECORD.json`` to recompute a record's tables and PNG from its runs.
 
