@@ -21,7 +21,6 @@ spills, hence MAX_RANK = 64.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -30,7 +29,7 @@ import triton.language as tl
 
 from ..._backend import interpreting
 from .. import reference
-from .tiles import dot_options
+from .tiles import dot_options, num_sms
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU; the interpreter's cost is per program and per op, so it
 # takes small blocks, which also make small test shapes cross block and chunk edges
@@ -87,11 +86,6 @@ def _lora_dy_pass_kernel(
         tl.store(grad_B_ptrs, grad_B, mask=mask_n[:, None])
 
 
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _split(size: int, block: int, chunks: int) -> tuple[int, int]:
     """(elements per chunk, chunk count) for ``size`` cut into at most ``chunks`` runs of whole blocks."""
     blocks = triton.cdiv(size, block)
@@ -126,7 +120,7 @@ def lora_dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scali
     block_m, block_n, warps, stages = INTERPRETER_CONFIG if interpreting() else GPU_CONFIG
     block_r = max(16, triton.next_power_of_2(R))
     if programs is None:
-        programs = INTERPRETER_PROGRAMS if interpreting() else _num_sms(dy.device.index or 0)
+        programs = INTERPRETER_PROGRAMS if interpreting() else num_sms(dy.device)
     rows, chunks_m, cols, chunks_n = chunking(M, N, programs, block_m, block_n)
     g_part = torch.empty((chunks_n, M, block_r), dtype=torch.float32, device=dy.device)
     grad_B_part = torch.empty((chunks_m, N, block_r), dtype=torch.float32, device=dy.device)

@@ -14,15 +14,13 @@ row strides, so other shapes fall back to the portable kernel.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import autotuning, interpreting
-from .tiles import dot_options, grouped_tile, low_rank_seed
+from .tiles import dot_options, grouped_tile, low_rank_seed, num_sms
 
 
 def _set_block_shapes(nargs):
@@ -104,11 +102,6 @@ def supported(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> boo
             and a.shape[0] > 0 and b.shape[1] >= 64 and a.shape[1] >= 64)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def lora_matmul_tma(a, b, c, lora_act, lora_up, scaling, bias, precision, block_r, buckets):
     """Launch for :func:`lora_matmul.lora_matmul` (which checked :func:`supported` and made ``c``)."""
     M, K = a.shape
@@ -121,8 +114,7 @@ def lora_matmul_tma(a, b, c, lora_act, lora_up, scaling, bias, precision, block_
     has_lora = lora_act is not None
     act = lora_act if has_lora else a  # placeholders: never read without the low-rank term
     up = lora_up if has_lora else a
-    programs = 4 if interpreting() else _num_sms(a.device.index if a.device.index is not None
-                                                 else torch.cuda.current_device())
+    programs = 4 if interpreting() else num_sms(a.device)
 
     def grid(meta):
         return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..._backend import interpreting
 from .lora_matmul import lora_matmul
-from .tiles import dot_options, grouped_tile
+from .tiles import dot_options, grouped_tile, num_sms
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SPLIT, num_stages); num_warps is 4 (see above).
 # fp16/bf16: 213 KiB of shared memory (3 stages of A/B, 48 KiB each, and of ACT/UP, 12 KiB each; a 32 KiB C half)
@@ -199,11 +199,6 @@ def low_rank_operands(a: torch.Tensor, lora_act: torch.Tensor, lora_up: torch.Te
     return act, _aligned_copy(up.t()), True
 
 
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _scratch(size: int, alignment: int, stream):
     """Global memory for the device-side descriptors (128 bytes each per program), from torch's caching
     allocator on the launch's (current) stream, so it lives until the kernel has run; its blocks are 512-byte
@@ -248,7 +243,7 @@ def lora_matmul_ws(a: torch.Tensor, b: torch.Tensor, *, lora_act: torch.Tensor |
     if interpreting():
         programs = INTERPRETER_PROGRAMS
     else:
-        programs = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        programs = num_sms(a.device)
         _ensure_allocator()
     _lora_matmul_ws_kernel[(min(programs, tiles),)](
         a, b_desc, c, act, up, bias if bias is not None else a,

@@ -1,11 +1,23 @@
 """Helpers shared by the LoRA GEMM kernels (lora_matmul.py, lora_matmul_tma.py, lora_matmul_ws.py, lora_dy_pass.py):
 how their dots run (the one interpreter-specific choice), the grouped tile order, the low-rank term, and LoRA
 dropout's mask. One module they all import, so none imports another's internals."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ..._backend import interpreting
+
+
+def num_sms(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device: the persistent grids' program count."""
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def dot_options(dtype: torch.dtype) -> tuple[bool, str]:
