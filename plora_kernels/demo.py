@@ -331,8 +331,9 @@ def check_config(methods=METHODS, save: bool = True, **kwargs) -> tuple[dict, tu
     for key in ("steps", "batch_size"):
         _positive_int(cfg, key)
     _positive_int(cfg, "seq_len", MODEL_CONFIG["max_position_embeddings"], " (the model's max_position_embeddings)")
-    if isinstance(cfg["every"], str) and cfg["every"] == "auto":
-        from .train.unloader import AUTO_MIN_STEPS, auto_every
+    from .train.unloader import AUTO_MIN_STEPS, auto_every, is_auto
+
+    if is_auto(cfg["every"]):
 
         if "plora" in methods and auto_every(cfg["steps"]) > cfg["steps"]:
             raise ConfigError("every", f"is 'auto', which does not unload in a run of fewer than {AUTO_MIN_STEPS} "

@@ -27,7 +27,14 @@ from transformers.trainer_callback import ExportableState
 
 from ..nn.patching import plora_layers
 from ..ops.checks import check_int, check_momentum
-from ..train.unloader import AUTO_MIN_STEPS, OPTIMIZER_RESETS, PeriodicUnloader, auto_every, check_every
+from ..train.unloader import (
+    OPTIMIZER_RESETS,
+    PeriodicUnloader,
+    auto_every,
+    check_every,
+    is_auto,
+    warn_auto_without_unload,
+)
 
 STATE_FILE = "plora_state.json"
 
@@ -106,7 +113,7 @@ class PLoRACallback(TrainerCallback, ExportableState):
                  seed: int = 0):
         # checked here as well as in PeriodicUnloader so that a bad value fails when the Trainer is built,
         # not minutes later when training begins
-        if not (isinstance(every, str) and every == "auto"):
+        if not is_auto(every):
             every = check_every(every)  # optimizer steps per stage
         if momentum is not None:
             momentum = check_momentum(momentum)
@@ -121,7 +128,7 @@ class PLoRACallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------------------------------ driver
     def _resolve_every(self, state) -> int:
         """``every`` as steps: the int given, or for "auto" :func:`auto_every` of the Trainer's ``max_steps``."""
-        if not (isinstance(self.every, str) and self.every == "auto"):
+        if not is_auto(self.every):
             return self.every
         max_steps = getattr(state, "max_steps", None)
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
@@ -153,10 +160,8 @@ class PLoRACallback(TrainerCallback, ExportableState):
         last = self._restore(unloader, args, state) if state.global_step > 0 else None  # resumed from a checkpoint
         max_steps = getattr(state, "max_steps", None)
         if isinstance(max_steps, int) and 0 < max_steps < unloader.every:
-            if self.every == "auto":
-                warnings.warn(f"PLoRACallback: every='auto' does not unload in a run of fewer than "
-                              f"{AUTO_MIN_STEPS} steps (max_steps={max_steps}; plora study: plain "
-                              "LoRA did as well or better there): this trains plain LoRA", UserWarning, stacklevel=2)
+            if is_auto(self.every):
+                warn_auto_without_unload("PLoRACallback", "max_steps", max_steps)
             else:
                 warnings.warn(f"PLoRACallback: every={self.every} is more than the run's max_steps={max_steps}: no "
                               "unload will happen (this trains plain LoRA)", UserWarning, stacklevel=2)

@@ -57,13 +57,25 @@ def auto_every(total_steps: int, *, min_stage: int = AUTO_MIN_STAGE, min_stages:
     return max(min_stage, total_steps // max_stages)
 
 
+def is_auto(every) -> bool:
+    """Whether ``every`` asks for :func:`auto_every`'s interval (the string "auto")."""
+    return isinstance(every, str) and every == "auto"
+
+
+def warn_auto_without_unload(who: str, steps_name: str, total_steps: int) -> None:
+    """The UserWarning of an ``every="auto"`` run too short to unload: it trains plain LoRA."""
+    warnings.warn(f"{who}: every='auto' does not unload in a run of fewer than {AUTO_MIN_STEPS} steps "
+                  f"({steps_name}={total_steps}; plora study: plain LoRA did as well or better there): this trains "
+                  "plain LoRA", UserWarning, stacklevel=3)
+
+
 def check_every(every, total_steps=None) -> int:
     """``every`` as an int: a positive int is returned as it is, "auto" is :func:`auto_every` of ``total_steps``
     (which it then needs). ValueError naming ``every`` for anything else, naming ``total_steps`` when "auto" comes
     without it; ``total_steps``, when given, must be a positive int (TypeError / ValueError naming it)."""
     if total_steps is not None:
         total_steps = check_int("total_steps", total_steps, minimum=1, error=TypeError)
-    if isinstance(every, str) and every == "auto":
+    if is_auto(every):
         if total_steps is None:
             raise ValueError("every='auto' needs total_steps (the run's optimizer steps) to choose the unload "
                              "interval; pass total_steps=N, or an int every")
@@ -114,7 +126,7 @@ class PeriodicUnloader:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module holding PLoRALinear layers, got {type(model).__name__}")
         check_optimizer(optimizer)
-        auto = isinstance(every, str) and every == "auto"
+        auto = is_auto(every)
         every = check_every(every, total_steps)  # "auto" -> an int; state_dict() stores that int
         seed = check_int("seed", seed, error=TypeError)
         if optimizer_reset is not None and optimizer_reset not in OPTIMIZER_RESETS:
@@ -134,9 +146,7 @@ class PeriodicUnloader:
         if optimizer_reset is None:
             optimizer_reset = "zero" if all(layer.momentum == 0 for layer in self.layers) else "scale"
         if auto and every > total_steps:
-            warnings.warn(f"PeriodicUnloader: every='auto' does not unload in a run of fewer than "
-                          f"{AUTO_MIN_STEPS} steps (total_steps={total_steps}; plora study: plain "
-                          "LoRA did as well or better there): this trains plain LoRA", UserWarning, stacklevel=2)
+            warn_auto_without_unload("PeriodicUnloader", "total_steps", total_steps)
         self.optimizer, self.every, self.optimizer_reset, self.seed = optimizer, every, optimizer_reset, seed
         self.total_steps = total_steps
         self.step_count = 0
