@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from plora_kernels.bench import common  # noqa: E402
 from plora_kernels.ops.triton import aot  # noqa: E402
-from plora_kernels.ops.triton.lora_matmul import _configs  # noqa: E402
-from plora_kernels.ops.triton.lora_matmul_tma import _configs as tma_configs  # noqa: E402
+from plora_kernels.ops.triton.lora_matmul import gemm_configs  # noqa: E402
+from plora_kernels.ops.triton.lora_matmul_tma import tma_configs  # noqa: E402
 
 COLUMNS = [("kernel", "kernel", ""), ("variant", "variant", ""), ("registers", "regs", "d"),
            ("stack_bytes", "stack B", "d"), ("spills", "LDL+STL", "d"), ("shared_kib", "smem KiB", ".1f"),
@@ -105,15 +105,18 @@ def main(argv=None) -> int:
                            f"w{aot.INIT_TILE[2]})", lambda a=a: aot.init_resources(a=a, arch=args.arch))
     if not args.no_gemm:
         # each GEMM kernel over its own autotune configs, with and without the low-rank seed
-        for name, configs, compile_fn in (("lora_matmul", _configs(), aot.compile_lora_matmul),
-                                          ("lora_matmul_tma", tma_configs(), aot.compile_lora_matmul_tma)):
-            for cfg in configs:
-                m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        # each GEMM kernel over the bf16 tiles its launch may pick on this architecture, with and without the
+        # low-rank seed (tests/test_kernels_compile.py holds every dtype, kind and architecture to its limits)
+        kernels = [("lora_matmul", gemm_configs(args.arch, torch.bfloat16), aot.compile_lora_matmul)]
+        if args.arch >= 90:
+            kernels.append(("lora_matmul_tma", tma_configs(args.arch, torch.bfloat16), aot.compile_lora_matmul_tma))
+        for name, configs, compile_fn in kernels:
+            for m, n, k, stages, warps in configs:
                 for lora in (True, False):
-                    label = f"{m}x{n}x{k} s{cfg.num_stages} w{cfg.num_warps} bf16 " + ("+LoRA" if lora else "base")
-                    add(name, label, lambda fn=compile_fn, lora=lora, cfg=cfg, m=m, n=n, k=k: aot.resources(fn(
-                        lora=lora, block_m=m, block_n=n, block_k=k, num_stages=cfg.num_stages,
-                        num_warps=cfg.num_warps, arch=args.arch), cfg.num_warps))
+                    label = f"{m}x{n}x{k} s{stages} w{warps} bf16 " + ("+LoRA" if lora else "base")
+                    add(name, label, lambda fn=compile_fn, lora=lora, m=m, n=n, k=k, st=stages, wp=warps: aot.resources(
+                        fn(lora=lora, block_m=m, block_n=n, block_k=k, num_stages=st, num_warps=wp, arch=args.arch),
+                        wp))
     print()
     common.print_table(rows, COLUMNS)
     if not args.save or args.no_save:

@@ -38,27 +38,91 @@ ENV_VARS = {"lora_linear": "PLORA_LINEAR_KERNEL", "unload": "PLORA_UNLOAD_KERNEL
 LINEAR_KERNELS = IMPLEMENTATIONS["lora_linear"]
 UNLOAD_KERNELS = IMPLEMENTATIONS["unload"]
 
-_chosen: contextvars.ContextVar[dict] = contextvars.ContextVar("plora_implementation", default={})
+# the active implementation() blocks of this thread / task, outermost first: (block id, its choices)
+_blocks: contextvars.ContextVar[tuple] = contextvars.ContextVar("plora_implementation", default=())
+
+
+def _chosen_now() -> dict:
+    """The choices in force: every active block's, an inner block's over an outer one's."""
+    out: dict = {}
+    for _, choices in _blocks.get():
+        out.update(choices)
+    return out
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels in its CPU interpreter. Read as Triton reads ``TRITON_INTERPRET``: on for
+    1/true/yes/on (any case), off for anything else ("false" included), so we never disagree with it."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
 
 
 def autotuning() -> bool:
-    """Whether the GEMM kernels autotune over their configurations (``PLORA_AUTOTUNE=0`` pins the first one, as
-    the GPU test run does: a sweep per new shape bucket would cost more than the tests)."""
-    return os.environ.get("PLORA_AUTOTUNE", "1").strip() not in ("0", "")
+    """Whether the GEMM kernels autotune over their configurations, read at each launch: ``PLORA_AUTOTUNE`` unset,
+    or 1/true/yes/on, tunes; 0/false/no/off pins the first configuration that fits the device (as the GPU test run
+    does: a sweep per new shape bucket would cost more than the tests); anything else is refused."""
+    value = os.environ.get("PLORA_AUTOTUNE", "").strip().lower()
+    if value in _TRUE or value == "":
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"PLORA_AUTOTUNE must be one of 1/true/yes/on or 0/false/no/off, got "
+                     f"{os.environ['PLORA_AUTOTUNE']!r}")
+
+
+# The Triton releases this package supports, oldest and newest: CI compiles every kernel variant under both
+# (tests/test_kernels_compile.py). 3.6 is what torch 2.11 pins; 3.7.x what torch 2.12 and 2.13 pin.
+TRITON_OLDEST = (3, 6)
+TRITON_NEWEST = (3, 9)
+# what an implementation needs beyond a supported Triton, when it compiles for a GPU:
+# (oldest Triton, architectures as major * 10 + minor, the reason shown by the resolver and `plora info`)
+REQUIREMENTS = {
+    "triton-tma": (TRITON_OLDEST, (90, 100, 103), "TMA descriptors need Hopper or Blackwell (sm_90, sm_100)"),
+    "triton-ws": ((3, 7), (90,), "Hopper warp specialisation needs sm_90 and Triton >= 3.7 (Triton 3.6's "
+                                 "warp-specialisation pass crashes on this kernel)"),
+}
 
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def triton_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton, None when it cannot be imported."""
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception:  # pragma: no cover - depends on the machine
-        return False
-    return True
+        return None
+    major, minor = (int("".join(ch for ch in part if ch.isdigit()) or 0) for part in triton.__version__.split(".")[:2])
+    return major, minor
+
+
+def triton_available() -> bool:
+    return triton_version() is not None
+
+
+def _version(v: tuple[int, int]) -> str:
+    return ".".join(map(str, v))
+
+
+def _triton_refusal(name: str, device: torch.device) -> str | None:
+    """Why Triton implementation ``name`` cannot compile for ``device`` here, or None. The interpreter (CPU
+    tensors) compiles nothing, so only a GPU is held to the version and architecture requirements."""
+    version = triton_version()
+    if version is None:
+        return "Triton is not installed"
+    if device.type != "cuda":
+        return None
+    if version < TRITON_OLDEST:
+        return (f"Triton {_version(version)} is older than the oldest supported ({_version(TRITON_OLDEST)}); "
+                f"pip install 'triton>={_version(TRITON_OLDEST)}'")
+    oldest, archs, why = REQUIREMENTS.get(name, (TRITON_OLDEST, None, ""))
+    from .ops.triton.limits import arch_of
+
+    arch = arch_of(device)
+    if version < oldest or (archs is not None and arch not in archs):
+        return f"{why}; this is Triton {_version(version)} on sm_{arch}"
+    return None
 
 
 def _check_choice(op: str, name, source: str) -> str:
@@ -77,11 +141,14 @@ def implementation(**choices: str | None):
     """
     checked = {op: _check_choice(op, name, f"implementation({op}=...)") for op, name in choices.items()
                if name is not None}
-    token = _chosen.set({**_chosen.get(), **checked})
+    block = object()
+    _blocks.set(_blocks.get() + ((block, checked),))
     try:
         yield
     finally:
-        _chosen.reset(token)
+        # remove this block's own frame, wherever it is: blocks exited out of order (two generators, say) then
+        # leave nothing behind, where restoring a saved state would revive the other block's choice
+        _blocks.set(tuple(f for f in _blocks.get() if f[0] is not block))
 
 
 def requested_backend() -> str:
@@ -93,8 +160,9 @@ def requested_backend() -> str:
 
 def _requested(op: str) -> tuple[str | None, str]:
     """(the implementation asked for, where the ask came from), or (None, "default")."""
-    if op in _chosen.get():
-        return _chosen.get()[op], "code"
+    chosen = _chosen_now()
+    if op in chosen:
+        return chosen[op], "code"
     env = os.environ.get(ENV_VARS[op], "").strip()
     if env:
         return _check_choice(op, env, ENV_VARS[op]), ENV_VARS[op]
@@ -119,11 +187,9 @@ def _runnable(name: str, device: torch.device) -> str | None:
     if name == "torch":
         return None
     if name.startswith("triton"):
-        if not triton_available():
-            return "Triton is not installed"
-        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
-            return None
-        return f"Triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a tensor on {device}"
+        if not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
+            return f"Triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a tensor on {device}"
+        return _triton_refusal(name, device)
     if name == "cuda":
         return None if device.type == "cuda" else f"the csrc/ CUDA kernel runs CUDA tensors, got {device}"
     return f"unknown implementation {name!r}"
@@ -143,9 +209,14 @@ def resolve(op: str, t: torch.Tensor, *, dtype: torch.dtype | None = None, size:
         return name
     if t.device.type != "cuda":
         return "torch"
-    from .defaults import measured_default
+    from .defaults import SAFE_DEFAULT, measured_default
 
-    return measured_default(op, t.device, dtype or t.dtype, size)
+    name = measured_default(op, t.device, dtype or t.dtype, size)
+    if _runnable(name, t.device) is None:
+        return name
+    # a measured or safe default this machine cannot run (no Triton, an older one, another GPU): the next safe one
+    return next(n for n in (SAFE_DEFAULT[op], "cuda", "torch") if n in IMPLEMENTATIONS[op] and _runnable(n, t.device)
+                is None)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -169,3 +240,32 @@ def describe(devices=None) -> dict[str, dict[str, str]]:
                 row[op] = f"error: {exc}"
         out[kind] = row
     return out
+
+
+def refusals(device: torch.device | str) -> dict[str, str]:
+    """{"op: implementation": why it cannot run on ``device`` here} for every implementation the resolver would
+    refuse there (``plora info`` prints them): no Triton, a Triton older than the support window, an
+    architecture a kernel was not built for."""
+    device = torch.device(device)
+    return {f"{op}: {name}": why for op, names in IMPLEMENTATIONS.items() for name in names
+            if (why := _runnable(name, device)) is not None}
+
+
+def settings() -> dict[str, str]:
+    """Every environment variable the package reads, as it reads it (``plora info`` prints them)."""
+    def parsed(name, fn):
+        raw = os.environ.get(name)
+        try:
+            return f"{raw!r} -> {fn()}" if raw is not None else f"(unset) -> {fn()}"
+        except ValueError as exc:
+            return f"{raw!r} -> refused: {exc}"
+
+    return {
+        "TRITON_INTERPRET": parsed("TRITON_INTERPRET", lambda: "on" if interpreting() else "off"),
+        "PLORA_AUTOTUNE": parsed("PLORA_AUTOTUNE", lambda: "tune" if autotuning() else "pinned"),
+        "PLORA_BACKEND": parsed("PLORA_BACKEND", requested_backend),
+        **{var: parsed(var, lambda op=op: _requested(op)[0] or "the measured default")
+           for op, var in ENV_VARS.items()},
+        "PLORA_CSRC_LIB": os.environ.get("PLORA_CSRC_LIB", "(unset)"),
+        "PLORA_CSRC_CACHE": os.environ.get("PLORA_CSRC_CACHE", "(unset)"),
+    }

@@ -232,7 +232,8 @@ def _fsdp_worker(rank, port, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
 
-    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    # the layers return no view (an in-place op on one would drop FSDP2's pre-backward hook): its warning fails
+    warnings.filterwarnings("error", message=".*returned a view tensor.*")
     _init(rank, port)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))

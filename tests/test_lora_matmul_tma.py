@@ -46,8 +46,9 @@ def test_forward_backward_match_float64(tma, dtype, lead, n_in, n_out, r, bias):
     y64.backward(dy.double())
     for got, want in ((y, y64), (x.grad, x64.grad), (A.grad, A64.grad), (B.grad, B64.grad)):
         assert rel_err(got, want) < TOL[dtype]
-    # the forward's GEMM (B = W^T, read as W's tiles) and the backward's dx (B = W row-major) both took TMA
-    assert len(tma) == 2
+    # the forward's GEMM (B = W^T, read as W's tiles) and the backward's dx (B = W row-major) both took TMA; fp32
+    # takes TMA only as TF32 with B = W^T (an IEEE fp32 dot spills on these tiles), so its dx is the portable GEMM
+    assert len(tma) == (1 if dtype == torch.float32 else 2)
 
 
 def test_poisoned_output_is_fully_written(tma):

@@ -109,3 +109,85 @@ def test_unmeasured_shapes_get_the_safe_default(monkeypatch):
         defaults.MEASURED[("sm_90", "lora_linear", "bf16", 8192)][0]
     assert defaults.measured_default("lora_linear", dev, torch.float16, 8192) == "torch"  # nothing measured
     assert defaults.measured_default("unload", dev, torch.bfloat16, None) == "triton"
+
+
+# --- the support window and what each implementation needs ----------------------------------------------------
+
+@pytest.fixture
+def fake_gpu(clean_env):
+    """A CUDA device of a chosen architecture and a chosen Triton version, without either: sets
+    (arch, triton version) for the resolver's requirement checks."""
+    from plora_kernels.ops.triton import limits
+
+    state = {"arch": 90, "triton": _backend.TRITON_NEWEST}
+    clean_env.setattr(limits, "arch_of", lambda device: state["arch"] if device.type == "cuda" else 0)
+    clean_env.setattr(_backend, "triton_version", lambda: state["triton"])
+    clean_env.setattr(defaults, "arch", lambda device: f"sm_{state['arch']}")
+    return state
+
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("arch,triton,refused", [
+    (90, (3, 9), set()), (90, (3, 7), set()),
+    (90, (3, 6), {"triton-ws"}),  # Triton 3.6's warp-specialisation pass crashes on the kernel
+    (100, (3, 9), {"triton-ws"}),  # Hopper's warp specialisation
+    (80, (3, 9), {"triton-ws", "triton-tma"}), (89, (3, 6), {"triton-ws", "triton-tma"}),
+    (90, (3, 5), {"triton", "triton-tma", "triton-ws"}),  # below the support window: every Triton kernel
+])
+def test_the_resolver_refuses_what_cannot_compile_there(fake_gpu, arch, triton, refused):
+    fake_gpu.update(arch=arch, triton=triton)
+    got = {name for name in _backend.IMPLEMENTATIONS["lora_linear"] if _backend._runnable(name, CUDA)}
+    assert got == refused
+    assert (_backend._runnable("triton", CUDA) is None) == (triton >= _backend.TRITON_OLDEST)
+    for key, why in _backend.refusals(CUDA).items():  # what plora info prints: the reason, with the versions
+        assert f"sm_{arch}" in why or "older than the oldest supported" in why, (key, why)
+
+
+def test_a_refused_choice_raises_and_a_refused_default_falls_back(fake_gpu, monkeypatch):
+    fake_gpu.update(arch=90, triton=(3, 6))
+    t = type("FakeCudaTensor", (), {"device": CUDA, "dtype": torch.bfloat16})()
+    with pk.implementation(lora_linear="triton-ws"):
+        with pytest.raises(RuntimeError, match=r"triton-ws.*Triton >= 3.7.*Triton 3.6 on sm_90"):
+            _backend.resolve("lora_linear", t)
+    monkeypatch.setattr(defaults, "MEASURED", {("sm_90", "lora_linear", "bf16", 8192): ("triton-ws", "test")})
+    assert _backend.resolve("lora_linear", t, size=8192) == "torch"  # the measured default refused: the safe one
+    fake_gpu.update(triton=(3, 5))  # no Triton kernel at all: the unload's safe default falls to the CUDA twin
+    assert _backend.resolve("unload", t) == "cuda"
+
+
+# --- settings read as their owners read them --------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["0", "1", "false", "true", "TRUE", "yes", "on", "off", "no", "2", "banana", ""])
+def test_triton_interpret_is_read_as_triton_reads_it(clean_env, value):
+    triton = pytest.importorskip("triton")
+    clean_env.setenv("TRITON_INTERPRET", value)
+    assert _backend.interpreting() == triton.knobs.runtime.interpret
+
+
+@pytest.mark.parametrize("value,tunes", [(None, True), ("1", True), ("true", True), ("on", True), ("0", False),
+                                         ("false", False), ("OFF", False), ("", True)])
+def test_plora_autotune_values(clean_env, value, tunes):
+    if value is not None:
+        clean_env.setenv("PLORA_AUTOTUNE", value)
+    assert _backend.autotuning() is tunes
+
+
+def test_an_odd_plora_autotune_is_refused_by_name(clean_env):
+    clean_env.setenv("PLORA_AUTOTUNE", "banana")
+    with pytest.raises(ValueError, match="PLORA_AUTOTUNE.*banana"):
+        _backend.autotuning()
+    assert "refused" in _backend.settings()["PLORA_AUTOTUNE"]  # and plora info shows it
+
+
+def test_implementation_blocks_exited_out_of_order_leave_nothing(clean_env):
+    outer = pk.implementation(lora_linear="triton")
+    inner = pk.implementation(lora_linear="torch", unload="torch")
+    outer.__enter__()
+    inner.__enter__()
+    assert _backend._requested("lora_linear") == ("torch", "code")
+    outer.__exit__(None, None, None)  # the outer block ends first (two generators, say)
+    assert _backend._requested("lora_linear") == ("torch", "code")  # the inner block is still active
+    inner.__exit__(None, None, None)
+    assert _backend._requested("lora_linear") == (None, "default") and _backend._requested("unload")[0] is None

@@ -188,4 +188,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: ambiguous for in_features = 0, which nn.Linear allows
     # resolved here, on the caller's thread, once for the forward and its backward
     y, _, _ = lora_linear_fwd(x2, weight, lora_A, lora_B, scaling, bias, _implementation(x2), lora_dropout)
-    return y.reshape(*lead, weight.shape[0])
+    # y is the op's own fresh output, never seen by the caller, so the (..., out) tensor may share its storage
+    # without being a view of it (what aten's matmul does for N-d inputs): a view would make FSDP2 warn that the
+    # module returned one, since an in-place op on a view drops its pre-backward hook
+    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))

@@ -100,27 +100,52 @@ def compile_init(*, a: str = "fp32", arch: int = 90):
                     unit=(), divisible=("table_ptr", "starts_ptr", "lora_A_like"), arch=arch, num_warps=INIT_TILE[2])
 
 
-def compile_lora_matmul(*, x="bf16", adapters="fp32", lora=True, bias=False, block_m=128, block_n=256,
-                        block_k=64, num_stages=3, num_warps=8, precision=None, drop=0, arch=90):
-    """The fused GEMM as the forward calls it: a = x (M, K) row-major, b = W^T (a view: K contiguous),
-    act = xa (M, r), up = lora_B^T (a view: r contiguous). ``drop``: where LoRA dropout's mask applies (0 none)."""
+# the portable GEMM's launches (ops/lora_linear.py): which operands have a unit stride (the launch specialises a
+# stride of 1 to a constant) and what is fused. forward: y = x W^T + s xa B^T + bias (B = W^T and UP = lora_B^T
+# are views with unit K / r stride); xa: x A^T (N = r), with LoRA dropout's mask on x or without; dx: dy W + s g A
+# (B = W, UP = lora_A row-major), with the mask on the low-rank term or without; dA: g^T x with the mask on x
+# (a = g^T: unit M stride).
+GEMM_KINDS = {
+    "forward": dict(unit=("stride_ak", "stride_bk", "stride_cn", "stride_actr", "stride_upr"), lora=True, bias=True,
+                    drop=0),
+    "xa": dict(unit=("stride_ak", "stride_bk", "stride_cn"), lora=False, bias=False, drop=0),
+    "xa-dropout": dict(unit=("stride_ak", "stride_bk", "stride_cn"), lora=False, bias=False, drop=1),
+    "dx": dict(unit=("stride_ak", "stride_bn", "stride_cn", "stride_actr", "stride_upn"), lora=True, bias=False,
+               drop=0),
+    "dx-dropout": dict(unit=("stride_ak", "stride_bn", "stride_cn", "stride_actr", "stride_upn"), lora=True,
+                       bias=False, drop=3),
+    "dA-dropout": dict(unit=("stride_am", "stride_bn", "stride_cn"), lora=False, bias=False, drop=2),
+}
+
+
+def compile_lora_matmul(*, x="bf16", adapters="fp32", kind="forward", lora=None, bias=None, drop=None,
+                        block_m=128, block_n=256, block_k=64, num_stages=3, num_warps=8, precision=None,
+                        int64=False, block_r=16, arch=90):
+    """The fused GEMM as ops/lora_linear.py launches it for ``kind`` (:data:`GEMM_KINDS`); ``lora``, ``bias`` and
+    ``drop`` override the kind's. x (and a, b, c, act) in ``x``, UP in ``adapters``. ``int64``: the 64-bit
+    indexing a launch takes when an offset reaches 2**31 (e.g. 150k rows of 14336: every stride still fits int32)."""
+    spec = GEMM_KINDS[kind]
+    lora = spec["lora"] if lora is None else lora
+    bias = spec["bias"] if bias is None else bias
+    drop = spec["drop"] if drop is None else drop
     types = dict(a_ptr="*" + x, b_ptr="*" + x, c_ptr="*" + x, act_ptr="*" + x, up_ptr="*" + adapters,
                  bias_ptr="*" + x, M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32", N_BUCKET="i32",
                  K_BUCKET="i32", scaling="fp32", drop_seed="i64", drop_threshold="i32", drop_scale="fp32")
     types.update({s: "i32" for s in ("stride_am stride_ak stride_bk stride_bn stride_cm stride_cn "
                                     "stride_actm stride_actr stride_upr stride_upn").split()})
-    ce = dict(HAS_LORA=lora, HAS_BIAS=bias, UPCAST=False, DROP=drop,
-              PRECISION=precision or ("ieee" if x == "fp32" else "tf32"), BLOCK_R=16,
+    ce = dict(HAS_LORA=lora, HAS_BIAS=bias, UPCAST=False, DROP=drop, INT64=int64,
+              PRECISION=precision or ("ieee" if x == "fp32" else "tf32"), BLOCK_R=block_r,
               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
-    return _compile(lora_matmul._lora_matmul_kernel.fn, types, ce,
-                    unit=("stride_ak", "stride_bk", "stride_cn", "stride_actr", "stride_upr"),
-                    divisible=("a_ptr", "b_ptr", "c_ptr", "act_ptr", "up_ptr", "M", "N", "K", "stride_am",
-                               "stride_bn", "stride_cm", "stride_actm", "stride_upn"),
+    divisible = [n for n in ("a_ptr", "b_ptr", "c_ptr", "act_ptr", "up_ptr", "M", "N", "K", "stride_am", "stride_ak",
+                             "stride_bk", "stride_bn", "stride_cm", "stride_actm", "stride_upr", "stride_upn")
+                 if n not in spec["unit"]]
+    return _compile(lora_matmul._lora_matmul_kernel.fn, types, ce, unit=spec["unit"], divisible=tuple(divisible),
                     arch=arch, num_warps=num_warps, num_stages=num_stages)
 
 
 def compile_lora_matmul_tma(*, x="bf16", adapters="fp32", lora=True, bias=False, b_nk=True, block_m=128,
-                            block_n=256, block_k=64, num_stages=3, num_warps=8, num_programs=132, arch=90):
+                            block_n=256, block_k=64, num_stages=3, num_warps=8, num_programs=132, block_r=16,
+                            arch=90):
     """The TMA/persistent fused GEMM as the forward calls it (b_nk: B = W^T read as W's tiles)."""
     b_block = [block_n, block_k] if b_nk else [block_k, block_n]
     types = dict(a_desc=f"tensordesc<{x}[{block_m}, {block_k}]>",
@@ -130,7 +155,7 @@ def compile_lora_matmul_tma(*, x="bf16", adapters="fp32", lora=True, bias=False,
                  M_BUCKET="i32", N_BUCKET="i32", K_BUCKET="i32", stride_actm="i32", stride_actr="i32",
                  stride_upr="i32", stride_upn="i32", scaling="fp32")
     ce = dict(HAS_LORA=lora, HAS_BIAS=bias, UPCAST=False,
-              PRECISION="ieee" if x == "fp32" else "tf32", B_NK=b_nk, NUM_PROGRAMS=num_programs, BLOCK_R=16,
+              PRECISION="tf32", B_NK=b_nk, NUM_PROGRAMS=num_programs, BLOCK_R=block_r,  # fp32: TMA only as TF32
               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
     return _compile(lora_matmul_tma._lora_matmul_tma_kernel.fn, types, ce, unit=("stride_actr", "stride_upr"),
                     divisible=("act_ptr", "up_ptr", "M", "N", "K", "stride_actm", "stride_upn"),
@@ -156,9 +181,10 @@ def compile_lora_matmul_ws(*, x="bf16", lora=True, bias=False, b_nk=True, up_nk=
 
 
 def compile_lora_dy_pass(*, dy="bf16", adapters="fp32", r=16, arch=90):
-    """The backward's one pass over dy as ``lora_dy_pass`` launches it on a GPU (its GPU_CONFIG): dy (M, out)
-    row-major, lora_B (out, r) in the adapters' dtype, xa (M, r) in dy's; widths multiples of 16."""
-    block_m, block_n, warps, stages = lora_dy_pass.GPU_CONFIG
+    """The backward's one pass over dy as ``lora_dy_pass`` launches it on ``arch`` (the config it picks there for
+    dy's dtype and the rank): dy (M, out) row-major, lora_B (out, r) in the adapters' dtype, xa (M, r) in dy's;
+    widths multiples of 16."""
+    block_m, block_n, warps, stages = lora_dy_pass.config(arch, _DTYPES[dy], r)  # the caller checked it is not None
     types = dict(dy_ptr="*" + dy, lora_B_ptr="*" + adapters, xa_ptr="*" + dy, g_part_ptr="*fp32",
                  grad_B_part_ptr="*fp32", M="i32", N="i32", R="i32", ROWS_PER_CHUNK="i32", COLS_PER_CHUNK="i32",
                  stride_dym="i32", stride_bn="i32", stride_xam="i32")
@@ -168,6 +194,14 @@ def compile_lora_dy_pass(*, dy="bf16", adapters="fp32", r=16, arch=90):
                     divisible=("dy_ptr", "lora_B_ptr", "xa_ptr", "g_part_ptr", "grad_B_part_ptr", "M", "N",
                                "ROWS_PER_CHUNK", "COLS_PER_CHUNK", "stride_dym", "stride_bn", "stride_xam"),
                     arch=arch, num_warps=warps, num_stages=stages)
+
+
+_I64_TENSOR_MUL = re.compile(r"arith\.muli [^\n]*: tensor<[0-9x]*xi64>")
+
+
+def i64_offsets(kernel) -> bool:
+    """Whether the kernel's TTIR multiplies index tensors in 64 bits (the INT64 GEMM's offsets)."""
+    return bool(_I64_TENSOR_MUL.search(kernel.asm["ttir"]))
 
 
 _SETMAXNREG = re.compile(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+);")
@@ -333,12 +367,13 @@ def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | N
 
 
 def unload_resources(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rounding: str = "nearest",
-                     write: bool = True, exact: bool = False, arch: int = 90) -> dict:
+                     write: bool = True, exact: bool = False, contig: bool = True, arch: int = 90) -> dict:
     """:func:`resources` of one production merge variant (:func:`compile_unload`), with its launch
     (``meta``: tile, rank, dot, rounding mode) and the instructions per element of its tile loop; the rank-1
     FMA loop runs ``r`` times per tile where it is a runtime loop (no dot, rank above 16)."""
-    meta = merge_launch(w=w, factors=factors, r=r, rounding=rounding, write=write, exact=exact)
-    kernel = compile_unload(w=w, factors=factors, r=r, rounding=rounding, write=write, exact=exact, arch=arch)
+    meta = merge_launch(w=w, factors=factors, r=r, rounding=rounding, write=write, exact=exact, contig=contig)
+    kernel = compile_unload(w=w, factors=factors, r=r, rounding=rounding, write=write, exact=exact, contig=contig,
+                            arch=arch)
     got = resources(kernel, meta["num_warps"], tile=(meta["BLOCK_M"], meta["BLOCK_N"]),
                     rank_trips=1 if meta["DOT"] or meta["FMA_R"] else r)
     got["meta"] = meta

@@ -29,11 +29,17 @@ import triton.language as tl
 
 from ..._backend import interpreting
 from .. import reference
-from .tiles import dot_options, num_sms
+from . import limits
+from .tiles import dot_options, num_sms, on_device
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU; the interpreter's cost is per program and per op, so it
 # takes small blocks, which also make small test shapes cross block and chunk edges
-GPU_CONFIG = (128, 128, 8, 3)
+# best first; the launch takes the first whose shared memory fits the device (fp32 dy at r = 64 needed 240 KiB in
+# the 16-bit tile, over every GPU's limit). fp32 dy spills on every architecture from r = 32 (the compile matrix),
+# so it takes the pass only up to MAX_RANK_FP32, in small tiles, and two GEMMs above.
+GPU_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 2)]
+GPU_CONFIGS_FP32 = [(32, 32, 4, 2)]
+MAX_RANK_FP32 = 16
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 INTERPRETER_PROGRAMS = 4
 MAX_RANK = 64  # beyond it the two accumulators spill (sm_90 compile, r = 128): the pair runs as two GEMMs
@@ -102,6 +108,30 @@ def chunking(M: int, N: int, programs: int, block_m: int, block_n: int) -> tuple
     return rows, chunks_m, cols, chunks_n
 
 
+def dy_pass_shared(block_m: int, block_n: int, stages: int, block_r: int, itemsize: int) -> int:
+    """An upper bound of a config's shared memory: ``stages`` buffers of a dy tile and its xa rows (Ampere keeps
+    one fewer), lora_B's block, an fp32 staging of grad_B's block and the slack (the compile matrix checks it
+    against every compiled config)."""
+    return (stages * (block_m * block_n + block_m * block_r) * itemsize + block_n * block_r * (itemsize + 4)
+            + limits.SLACK)
+
+
+def config(arch: int, dtype: torch.dtype, rank: int, limit: int | None = None) -> tuple[int, int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for dy of ``dtype`` at ``rank`` on ``arch`` (0: the interpreter):
+    the first config that fits one block's shared memory (``limit``: the device's own figure); None where the
+    pass does not serve (the rank is too wide for its registers): the launch then runs two GEMMs."""
+    if arch == 0:
+        return INTERPRETER_CONFIG
+    fp32 = dtype == torch.float32
+    if rank > (MAX_RANK_FP32 if fp32 else MAX_RANK):
+        return None
+    block_r = max(16, triton.next_power_of_2(rank))
+    for block_m, block_n, warps, stages in GPU_CONFIGS_FP32 if fp32 else GPU_CONFIGS:
+        if limits.fits(dy_pass_shared(block_m, block_n, stages, block_r, dtype.itemsize), arch, limit):
+            return block_m, block_n, warps, stages
+    return None
+
+
 def lora_dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scaling: float,
                  programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(g, grad_B)`` = ``(dy @ lora_B, scaling * dy.T @ xa)``, reading dy once.
@@ -113,25 +143,27 @@ def lora_dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scali
     """
     M, N = dy.shape
     R = lora_B.shape[1]
-    if R > MAX_RANK or M == 0 or N == 0:
-        # nothing to share (an empty dy) or too wide a rank for the registers: the two GEMMs
+    tile = config(limits.arch_of(dy.device), dy.dtype, R, limits.device_shared(dy.device))
+    if tile is None or M == 0 or N == 0:
+        # nothing to share (an empty dy), or too wide a rank for the registers or the shared memory: two GEMMs
         return dy @ lora_B.to(dy.dtype), reference.lora_grad_B(dy, xa, lora_B, scaling)
     upcast, precision = dot_options(dy.dtype)
-    block_m, block_n, warps, stages = INTERPRETER_CONFIG if interpreting() else GPU_CONFIG
+    block_m, block_n, warps, stages = tile
     block_r = max(16, triton.next_power_of_2(R))
     if programs is None:
         programs = INTERPRETER_PROGRAMS if interpreting() else num_sms(dy.device)
     rows, chunks_m, cols, chunks_n = chunking(M, N, programs, block_m, block_n)
-    g_part = torch.empty((chunks_n, M, block_r), dtype=torch.float32, device=dy.device)
-    grad_B_part = torch.empty((chunks_m, N, block_r), dtype=torch.float32, device=dy.device)
-    _lora_dy_pass_kernel[(chunks_m, chunks_n)](
-        dy, lora_B, xa, g_part, grad_B_part,
-        M, N, R, rows, cols,
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
-        UPCAST=upcast, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        num_warps=warps, num_stages=stages,
-    )
-    # fixed-order sums of a few partials each: the same bits on every run
-    g = g_part[:, :, :R].sum(0).to(dy.dtype)
-    grad_B = grad_B_part[:, :, :R].sum(0).mul_(scaling).to(lora_B.dtype)
-    return g, grad_B
+    with on_device(dy.device):  # Triton launches on the current device and stream: make them dy's
+        g_part = torch.empty((chunks_n, M, block_r), dtype=torch.float32, device=dy.device)
+        grad_B_part = torch.empty((chunks_m, N, block_r), dtype=torch.float32, device=dy.device)
+        _lora_dy_pass_kernel[(chunks_m, chunks_n)](
+            dy, lora_B, xa, g_part, grad_B_part,
+            M, N, R, rows, cols,
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
+            UPCAST=upcast, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            num_warps=warps, num_stages=stages,
+        )
+        # fixed-order sums of a few partials each: the same bits on every run
+        g = g_part[:, :, :R].sum(0).to(dy.dtype)
+        grad_B = grad_B_part[:, :, :R].sum(0).mul_(scaling).to(lora_B.dtype)
+        return g, grad_B

@@ -18,30 +18,61 @@ import triton.language as tl
 
 from ..._backend import autotuning, interpreting
 from .. import streams
-from .tiles import dot_options, dropout_keep, grouped_tile, low_rank_seed
+from . import limits
+from .tiles import dot_options, dropout_keep, grouped_tile, low_rank_seed, on_device, tile_config, tile_shape
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) per operand width and architecture, best first: big tiles for the
+# wide products (y, dx), skinny-N tiles for the N = r products (x A^T) where big ones would leave the grid small.
+# Each list holds what compiles without spills under Triton 3.6 and 3.9 on its architectures (the compile matrix,
+# tests/test_kernels_compile.py): 128x256 spills on sm_8x, and with LoRA dropout's mask (its Philox words take
+# registers) on sm_90 and sm_100 too; an fp32 dot (IEEE unless TF32 is allowed) spills in most tiles over 32x32.
+HOPPER_16 = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (64, 32, 128, 4, 4), (64, 16, 256, 3, 4)]
+AMPERE_16 = [(128, 128, 64, 3, 8), (128, 128, 32, 3, 8), (64, 64, 64, 4, 4), (64, 16, 256, 3, 4)]
+# when a dropout mask is applied; the last only below sm_90 (it spills on sm_100), where the 99 KiB of sm_89
+# leave nothing larger
+DROPOUT_16 = [(128, 128, 64, 3, 8), (64, 16, 256, 3, 4)]
+DROPOUT_16_AMPERE = DROPOUT_16 + [(64, 64, 64, 4, 4)]
+FP32 = [(32, 32, 32, 2, 4), (32, 16, 64, 2, 4)]
+INTERPRETER = (64, 128, 128, 1, 4)  # the interpreter's cost is per program: few large tiles, no tuning
 
 
-def _configs():
+def gemm_configs(arch: int, dtype: torch.dtype, *, dropout: bool = False, block_r: int = 64, tuning: bool = True,
+                 limit: int | None = None) -> list[tuple[int, int, int, int, int]]:
+    """The tiles the kernel may launch with on ``arch`` (e.g. 90) for operands of ``dtype`` (``dropout``: with a
+    dropout mask; ``block_r``: the low-rank tiles' width): its family's list less what exceeds the shared memory
+    of one block (``limit``: the device's own figure), all of them when ``tuning``, else the first
+    (``PLORA_AUTOTUNE=0`` pins it: no sweep per new shape bucket)."""
+    if arch == 0:
+        return [INTERPRETER]
+    if dtype == torch.float32:
+        family = FP32
+    else:
+        hopper = arch >= 90
+        family = (DROPOUT_16 if hopper else DROPOUT_16_AMPERE) if dropout else HOPPER_16 if hopper else AMPERE_16
+    ok = [c for c in family if limits.fits(limits.gemm_shared(*c[:4], dtype.itemsize, block_r), arch, limit)]
+    return ok if tuning else ok[:1]
+
+
+def _all_configs():
     if interpreting():
-        # the interpreter's cost is per program: few large tiles, no tuning
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4)]
-    shapes = [
-        # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): Hopper-friendly big tiles first, then skinny-N
-        # tiles for the N = r products (xa, g) where the grid would otherwise be too small
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 64, 4, 8),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (32, 32, 256, 4, 4),
-        (64, 32, 128, 4, 4), (64, 16, 256, 3, 4), (32, 16, 256, 3, 4),
-    ]
-    if not autotuning():  # one pinned configuration (tests): no sweep per new shape bucket
-        shapes = shapes[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for m, n, k, s, w in shapes]
+        return [tile_config(INTERPRETER)]
+    return [tile_config(c) for c in dict.fromkeys(HOPPER_16 + AMPERE_16 + DROPOUT_16_AMPERE + FP32)]
 
 
-# keyed on power-of-two buckets, not exact sizes: training with variable sequence lengths changes M every
-# step, and an exact key would re-run the whole tuning sweep for each new M (any config is correct for any
-# size; the buckets only choose which one is fast)
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA", "DROP"])
+def prune(configs, named_args, **kwargs):
+    """Autotune's early pruning: keep the configurations :func:`gemm_configs` allows for the launch's device,
+    operand dtype (``a_ptr``'s), dropout and low-rank width (the autotune key holds all of them)."""
+    a = named_args["a_ptr"]
+    allowed = gemm_configs(limits.arch_of(a.device), a.dtype, dropout=kwargs["DROP"] != 0,
+                           block_r=kwargs["BLOCK_R"], tuning=autotuning(), limit=limits.device_shared(a.device))
+    kept = [c for c in configs if tile_shape(c) in allowed]
+    if not kept:
+        raise RuntimeError(f"lora_matmul: no tile fits {a.device} for {a.dtype} operands")
+    return kept
+
+
+@triton.autotune(configs=_all_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA", "DROP", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": prune})
 @triton.jit
 def _lora_matmul_kernel(
     a_ptr, b_ptr, c_ptr, act_ptr, up_ptr, bias_ptr,
@@ -50,16 +81,21 @@ def _lora_matmul_kernel(
     stride_actm, stride_actr, stride_upr, stride_upn,
     scaling, drop_seed, drop_threshold, drop_scale,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, DROP: tl.constexpr,
+    BLOCK_R: tl.constexpr, DROP: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """DROP: where LoRA dropout's mask applies (x being that operand, its logical position the Philox counter):
     0 nowhere, 1 to A (x A^T), 2 to B (g^T x, for dA), 3 to the low-rank term (dx); the kept values are scaled
-    by ``drop_scale`` = 1/(1-p) in fp32, after the dot."""
+    by ``drop_scale`` = 1/(1-p) in fp32, after the dot.
+    INT64: some element offset of an operand reaches 2**31 (e.g. 150k tokens x 14336), so row and column indices,
+    and with them every offset, are 64-bit; int32 arithmetic would wrap to wrong addresses without an error."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:
+        rm = rm.to(tl.int64)
+        rn = rn.to(tl.int64)
     mask_m = rm < M
     mask_n = rn < N
     dtype = a_ptr.dtype.element_ty
@@ -97,6 +133,15 @@ def _lora_matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+INT32_OFFSETS = 2**31  # an element offset at or past it needs the kernel's 64-bit indexing (INT64)
+
+
+def needs_int64(*tensors: torch.Tensor | None) -> bool:
+    """Whether the largest element offset of any 2-D operand, sum((size - 1) * |stride|), reaches 2**31."""
+    return any(t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= INT32_OFFSETS
+               for t in tensors)
+
+
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
@@ -118,32 +163,34 @@ def lora_matmul(a: torch.Tensor, b: torch.Tensor, *, lora_act: torch.Tensor | No
     c = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
     if M == 0 or N == 0:
         return c
-    has_lora = lora_act is not None
-    R = lora_act.shape[1] if has_lora else 0
-    act = lora_act if has_lora else a  # placeholders: never read when the flags are off
-    up = lora_up if has_lora else b
-    upcast, precision = dot_options(a.dtype)
-    block_r = min(64, max(16, triton.next_power_of_2(R)))
-    buckets = (_bucket(M), _bucket(N), _bucket(K))
-    drop, p, seed = dropout or (0, 0.0, 0)
-    if tma and not drop:  # the TMA kernel has no dropout: the masked products take the portable kernel
-        from . import lora_matmul_tma
+    with on_device(a.device):  # Triton launches on the current device and stream: make them a's
+        has_lora = lora_act is not None
+        R = lora_act.shape[1] if has_lora else 0
+        act = lora_act if has_lora else a  # placeholders: never read when the flags are off
+        up = lora_up if has_lora else b
+        upcast, precision = dot_options(a.dtype)
+        block_r = min(64, max(16, triton.next_power_of_2(R)))
+        buckets = (_bucket(M), _bucket(N), _bucket(K))
+        drop, p, seed = dropout or (0, 0.0, 0)
+        if tma and not drop:  # the TMA kernel has no dropout: the masked products take the portable kernel
+            from . import lora_matmul_tma
 
-        if lora_matmul_tma.supported(a, b, out):
-            return lora_matmul_tma.lora_matmul_tma(a, b, c, lora_act, lora_up, scaling, bias, precision, block_r,
-                                                   buckets)
+            # fp32 (TF32) tiles with low-rank tiles wider than 16 exceed shared memory: the portable kernel takes them
+            if lora_matmul_tma.supported(a, b, out) and (a.dtype != torch.float32 or block_r <= 16):
+                return lora_matmul_tma.lora_matmul_tma(a, b, c, lora_act, lora_up, scaling, bias, precision, block_r,
+                                                       buckets)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _lora_matmul_kernel[grid](
-        a, b, c, act, up, bias if bias is not None else a,
-        M, N, K, R, *buckets,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        act.stride(0), act.stride(1), up.stride(0), up.stride(1),
-        scaling, seed, streams.keep_threshold(p), 1.0 / (1.0 - p),
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        UPCAST=upcast, PRECISION=precision,
-        BLOCK_R=block_r, DROP=drop,
-    )
-    return c
+        _lora_matmul_kernel[grid](
+            a, b, c, act, up, bias if bias is not None else a,
+            M, N, K, R, *buckets,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+            act.stride(0), act.stride(1), up.stride(0), up.stride(1),
+            scaling, seed, streams.keep_threshold(p), 1.0 / (1.0 - p),
+            HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+            UPCAST=upcast, PRECISION=precision,
+            BLOCK_R=block_r, DROP=drop, INT64=needs_int64(a, b, c, act, up),
+        )
+        return c

@@ -20,7 +20,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import autotuning, interpreting
-from .tiles import dot_options, grouped_tile, low_rank_seed, num_sms
+from . import limits
+from .tiles import dot_options, grouped_tile, low_rank_seed, num_sms, tile_config, tile_shape
 
 
 def _set_block_shapes(nargs):
@@ -31,21 +32,48 @@ def _set_block_shapes(nargs):
     nargs["c_desc"].block_shape = [bm, bn]
 
 
-def _configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4,
-                              pre_hook=_set_block_shapes)]
-    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); 128x256x64 with 3 stages and its C tile take 208 KiB of the
-    # 227 KiB of shared memory (benchmarks/kernel_resources.py), so 4 stages only fit smaller tiles
-    shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
-              (128, 64, 64, 4, 4)]
-    if not autotuning():  # one pinned configuration (tests): no sweep per new shape bucket
-        shapes = shapes[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w,
-                          pre_hook=_set_block_shapes) for m, n, k, s, w in shapes]
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps), best first. 16-bit: 128x256x64 with 3 stages and its C tile take
+# 208 KiB of the 227 KiB of shared memory, so 4 stages only fit smaller tiles. fp32 (TF32) doubles every buffer:
+# the 16-bit tiles would need 327-426 KB, so it has its own list.
+TILES_16 = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 64, 64, 4, 4)]
+TILES_FP32 = [(128, 128, 32, 3, 8), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4)]  # taken for r <= 16 only
+INTERPRETER = (64, 128, 128, 1, 4)
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA", "B_NK"])
+def tma_shared(block_m: int, block_n: int, block_k: int, stages: int, itemsize: int, block_r: int = 64) -> int:
+    """An upper bound of a tile's shared memory: the pipelined A/B buffers, the low-rank tiles (once: the
+    descriptors' loads land where the dot reads them), the C tile and the slack; checked by the compile matrix."""
+    return (stages * (block_m * block_k + block_k * block_n) * itemsize + (block_m + block_n) * block_r * itemsize
+            + block_m * block_n * itemsize + limits.SLACK)
+
+
+def tma_configs(arch: int, dtype: torch.dtype, *, block_r: int = 64, tuning: bool = True, limit: int | None = None):
+    """The tiles the TMA kernel may launch with on ``arch`` for ``dtype`` operands (see lora_matmul.gemm_configs)."""
+    if arch == 0:
+        return [INTERPRETER]
+    ok = [c for c in (TILES_FP32 if dtype == torch.float32 else TILES_16)
+          if limits.fits(tma_shared(*c[:4], dtype.itemsize, block_r), arch, limit)]
+    return ok if tuning else ok[:1]
+
+
+def _all_configs():
+    shapes = [INTERPRETER] if interpreting() else TILES_16 + TILES_FP32
+    return [tile_config(c, pre_hook=_set_block_shapes) for c in shapes]
+
+
+def prune(configs, named_args, **kwargs):
+    """Autotune's early pruning by the launch's device, dtype and low-rank width, as lora_matmul.prune."""
+    c = named_args["c_desc"].base
+    allowed = tma_configs(limits.arch_of(c.device), c.dtype, block_r=kwargs["BLOCK_R"], tuning=autotuning(),
+                          limit=limits.device_shared(c.device))
+    kept = [cfg for cfg in configs if tile_shape(cfg) in allowed]
+    if not kept:
+        raise RuntimeError(f"lora_matmul_tma: no tile fits {c.device} for {c.dtype} operands")
+    return kept
+
+
+@triton.autotune(configs=_all_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA", "B_NK", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": prune})
 @triton.jit
 def _lora_matmul_tma_kernel(
     a_desc, b_desc, c_desc, act_ptr, up_ptr, bias_ptr,
@@ -98,6 +126,11 @@ def supported(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> boo
     """Whether ``a @ b`` can take the TMA kernel: a row-major; b row-major or the transpose of a row-major
     tensor (W^T); out (if given) row-major; all with 16-byte aligned rows; a matrix big enough for it."""
     b_ok = _tma_ready(b) or _tma_ready(b.t())
+    # fp32 only as TF32 with B = W^T: an IEEE fp32 dot has no tensor-core path, and on these tiles its FMA form
+    # spills thousands of registers (the compile matrix); TF32 reads B K-major
+    no_tf32 = a.is_cuda and not torch.backends.cuda.matmul.allow_tf32
+    if a.dtype == torch.float32 and (not _tma_ready(b.t()) or no_tf32):
+        return False
     return (_tma_ready(a) and b_ok and (out is None or _tma_ready(out)) and a.dtype == b.dtype
             and a.shape[0] > 0 and b.shape[1] >= 64 and a.shape[1] >= 64)
 

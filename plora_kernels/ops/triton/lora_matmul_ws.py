@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..._backend import interpreting
 from .lora_matmul import lora_matmul
-from .tiles import dot_options, grouped_tile, num_sms
+from .tiles import dot_options, grouped_tile, num_sms, on_device
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SPLIT, num_stages); num_warps is 4 (see above).
 # fp16/bf16: 213 KiB of shared memory (3 stages of A/B, 48 KiB each, and of ACT/UP, 12 KiB each; a 32 KiB C half)
@@ -229,31 +229,32 @@ def lora_matmul_ws(a: torch.Tensor, b: torch.Tensor, *, lora_act: torch.Tensor |
     has_lora = lora_act is not None and scaling != 0.0
     if not supported(a, b, out) or (has_lora and not 2.0**-20 <= abs(scaling) <= 2.0**20):
         return lora_matmul(a, b, lora_act=lora_act, lora_up=lora_up, scaling=scaling, bias=bias, out=out)
-    c = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
-    if has_lora:
-        act, up, up_nk = low_rank_operands(a, lora_act, lora_up)
-        rank = lora_act.shape[1]
-    else:
-        act, up, up_nk, rank = a, a, False, 0  # placeholders: never read
-    b_nk = not _tma_ready(b)  # then b is W^T: describe W (N, K)
-    b_desc = b.t() if b_nk else b
-    upcast, precision = dot_options(a.dtype)
-    block_m, block_n, block_k, block_r, group_m, split, stages = _config(a.dtype)
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    if interpreting():
-        programs = INTERPRETER_PROGRAMS
-    else:
-        programs = num_sms(a.device)
-        _ensure_allocator()
-    _lora_matmul_ws_kernel[(min(programs, tiles),)](
-        a, b_desc, c, act, up, bias if bias is not None else a,
-        M, N, K, rank,
-        a.stride(0), b_desc.stride(0), c.stride(0), act.stride(0), up.stride(0),
-        scaling,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, B_NK=b_nk, UP_NK=up_nk,
-        UPCAST=upcast, PRECISION=precision,
-        WARP_SPECIALIZE=warp_specialize(), NUM_PROGRAMS=programs,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=group_m,
-        EPILOGUE_SPLIT=split, num_warps=4, num_stages=stages,
-    )
-    return c
+    with on_device(a.device):  # Triton launches (and allocates its scratch) on the current device
+        c = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
+        if has_lora:
+            act, up, up_nk = low_rank_operands(a, lora_act, lora_up)
+            rank = lora_act.shape[1]
+        else:
+            act, up, up_nk, rank = a, a, False, 0  # placeholders: never read
+        b_nk = not _tma_ready(b)  # then b is W^T: describe W (N, K)
+        b_desc = b.t() if b_nk else b
+        upcast, precision = dot_options(a.dtype)
+        block_m, block_n, block_k, block_r, group_m, split, stages = _config(a.dtype)
+        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        if interpreting():
+            programs = INTERPRETER_PROGRAMS
+        else:
+            programs = num_sms(a.device)
+            _ensure_allocator()
+        _lora_matmul_ws_kernel[(min(programs, tiles),)](
+            a, b_desc, c, act, up, bias if bias is not None else a,
+            M, N, K, rank,
+            a.stride(0), b_desc.stride(0), c.stride(0), act.stride(0), up.stride(0),
+            scaling,
+            HAS_LORA=has_lora, HAS_BIAS=bias is not None, B_NK=b_nk, UP_NK=up_nk,
+            UPCAST=upcast, PRECISION=precision,
+            WARP_SPECIALIZE=warp_specialize(), NUM_PROGRAMS=programs,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=group_m,
+            EPILOGUE_SPLIT=split, num_warps=4, num_stages=stages,
+        )
+        return c

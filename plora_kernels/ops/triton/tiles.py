@@ -1,6 +1,7 @@
 """Helpers shared by the LoRA GEMM kernels (lora_matmul.py, lora_matmul_tma.py, lora_matmul_ws.py, lora_dy_pass.py):
 how their dots run (the one interpreter-specific choice), the grouped tile order, the low-rank term, and LoRA
 dropout's mask. One module they all import, so none imports another's internals."""
+import contextlib
 import functools
 
 import torch
@@ -8,6 +9,16 @@ import triton
 import triton.language as tl
 
 from ..._backend import interpreting
+
+
+def on_device(device: torch.device):
+    """A block in which Triton launches on ``device`` and its current stream. Triton launches on the CURRENT
+    device and stream, not the tensors': with W on cuda:1 while cuda:0 is current (a ``device_map="auto"`` model)
+    a launch would address cuda:1's memory from cuda:0, and a table copied on one stream could be read by a
+    kernel on another. Every launcher wraps its host work and launches in this."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def num_sms(device: torch.device) -> int:
@@ -28,6 +39,19 @@ def dot_options(dtype: torch.dtype) -> tuple[bool, str]:
     upcast = interpreting() and dtype == torch.bfloat16
     ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     return upcast, "ieee" if ieee else "tf32"
+
+
+def tile_config(shape: tuple[int, int, int, int, int], pre_hook=None) -> triton.Config:
+    """The autotune config of a GEMM tile (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)."""
+    m, n, k, stages, warps = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=stages,
+                         num_warps=warps, pre_hook=pre_hook)
+
+
+def tile_shape(config: triton.Config) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) of a :func:`tile_config`."""
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_stages, config.num_warps
 
 
 @triton.jit

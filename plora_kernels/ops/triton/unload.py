@@ -20,7 +20,6 @@ compute the same values bit for bit.
 """
 from __future__ import annotations
 
-import functools
 import struct
 from typing import Sequence
 
@@ -31,6 +30,7 @@ import triton.language as tl
 from ..._backend import interpreting
 from .. import streams
 from ..formats import FP16_MIN_BIASED_EXP, max_finite, rounding_mode
+from .tiles import num_sms, on_device
 
 # ------------------------------------------------------------------------------------------------ jit helpers
 
@@ -128,12 +128,26 @@ def _add_rank1(delta, lora_A_ptr, lora_B_ptr, k, rm, rn, mask_m, mask_n, s_ar, s
 
 
 @triton.jit
+def _dot_slice(lora_A_ptr, lora_B_ptr, r0, R, rm, rn, mask_m, mask_n, s_ar, s_an, s_bm, s_br,
+               BLOCK_R: tl.constexpr, FACTORS_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """B[rm, r0:r0+BLOCK_R] A[r0:r0+BLOCK_R, rn] in fp32 by tl.dot (ranks past R masked to zero)."""
+    rr = r0 + tl.arange(0, BLOCK_R)
+    lora_B = tl.load(lora_B_ptr + rm[:, None] * s_bm + rr[None, :] * s_br, mask=mask_m[:, None] & (rr[None, :] < R),
+                     other=0.0)
+    lora_A = tl.load(lora_A_ptr + rr[:, None] * s_ar + rn[None, :] * s_an, mask=(rr[:, None] < R) & mask_n[None, :],
+                     other=0.0)
+    if FACTORS_FP32:
+        return tl.dot(lora_B.to(tl.float32), lora_A.to(tl.float32), input_precision=DOT_PRECISION)
+    return tl.dot(lora_B, lora_A, out_dtype=tl.float32)  # one 16-bit dtype: products exact in fp32
+
+
+@triton.jit
 def _merge_kernel(
     table_ptr, coef_ptr, starts_ptr, flag_ptr, n_layers,
     w_like, lora_A_like, lora_B_like,  # the first layer's tensors: they give the pointer types of every layer
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FMA_R: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FACTORS_FP32: tl.constexpr, ROUND: tl.constexpr, SOFT_BF16: tl.constexpr,
-    CONTIG: tl.constexpr, WRITE: tl.constexpr, EXACT: tl.constexpr, MAX_FINITE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, RANK_LOOP: tl.constexpr,
+    FMA_R: tl.constexpr, DOT_PRECISION: tl.constexpr, FACTORS_FP32: tl.constexpr, ROUND: tl.constexpr,
+    SOFT_BF16: tl.constexpr, CONTIG: tl.constexpr, WRITE: tl.constexpr, EXACT: tl.constexpr, MAX_FINITE: tl.constexpr,
     FP16_EMIN: tl.constexpr,
 ):
     """table_ptr: one int64 row of 14 per layer: W, A, B addresses, M, N, R, W's strides, A's, B's, the rounding
@@ -142,14 +156,18 @@ def _merge_kernel(
 
     CONTIG: every W and A of the group has unit column stride, 16-byte aligned rows and a multiple of 16 bytes
     of columns, so tiles move as 16-byte vectors. FMA_R: the rank, unrolled, on the FMA path (0: a runtime loop).
+    RANK_LOOP: the dot path's rank exceeds BLOCK_R, so it runs in BLOCK_R-wide slices (a 256-wide fp32 factor
+    tile spills in one piece and a 1024-wide one needs ~320 KB of shared memory).
     WRITE: the writing pass, else a check pass (EXACT: the exact one). All compile from this one body with no
     FMA contraction, so they compute the same values bit for bit.
     """
     W_T: tl.constexpr = w_like.dtype.element_ty
     A_T: tl.constexpr = lora_A_like.dtype.element_ty
     COMPUTE: tl.constexpr = tl.float64 if W_T == tl.float64 else tl.float32
-    VEC_W: tl.constexpr = 16 // W_T.primitive_bitwidth * 8
-    VEC_A: tl.constexpr = 16 // A_T.primitive_bitwidth * 8
+    # elements per 16-byte vector: 8 for fp16/bf16, 4 for fp32, 2 for fp64 (never 0: Triton 3.6 crashes on
+    # tl.multiple_of(x, 0))
+    VEC_W: tl.constexpr = 128 // W_T.primitive_bitwidth
+    VEC_A: tl.constexpr = 128 // A_T.primitive_bitwidth
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     n_tiles = tl.load(starts_ptr + n_layers)
@@ -200,16 +218,14 @@ def _merge_kernel(
         if CONTIG:
             lora_A_ptr = tl.multiple_of(lora_A_ptr, 16)
         lora_B_ptr = tl.load(row + 2).to(tl.pointer_type(lora_B_like.dtype.element_ty))
-        if DOT:
-            rr = tl.arange(0, BLOCK_R)
-            lora_B = tl.load(lora_B_ptr + rm[:, None] * s_bm + rr[None, :] * s_br,
-                             mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
-            lora_A = tl.load(lora_A_ptr + rr[:, None] * s_ar + rn[None, :] * s_an,
-                             mask=(rr[:, None] < R) & mask_n[None, :], other=0.0)
-            if FACTORS_FP32:
-                delta = tl.dot(lora_B.to(tl.float32), lora_A.to(tl.float32), input_precision=DOT_PRECISION)
-            else:  # one 16-bit dtype: the products are exact in the fp32 accumulator
-                delta = tl.dot(lora_B, lora_A, out_dtype=tl.float32)
+        if DOT and RANK_LOOP:  # a rank above BLOCK_R in BLOCK_R-wide slices: the factor tiles stay in registers
+            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                delta += _dot_slice(lora_A_ptr, lora_B_ptr, r0, R, rm, rn, mask_m, mask_n, s_ar, s_an, s_bm, s_br,
+                                    BLOCK_R, FACTORS_FP32, DOT_PRECISION)
+        elif DOT:
+            delta = _dot_slice(lora_A_ptr, lora_B_ptr, 0, R, rm, rn, mask_m, mask_n, s_ar, s_an, s_bm, s_br, BLOCK_R,
+                               FACTORS_FP32, DOT_PRECISION)
         else:  # rank-1 FMAs: unrolled when FMA_R > 0, so every factor load is independent of the sums
             delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
             if FMA_R > 0:
@@ -301,23 +317,27 @@ def uses_dot(w_dtype: torch.dtype, r: int) -> bool:
     return r >= 16 and w_dtype != torch.float64
 
 
+# the dot path's factor slice: ranks above it run as a loop over 16-wide slices, so a wide rank holds no more
+# registers than r = 16 (fp32 factors at r = 64 in one piece spilled on sm_89, 16-bit ones at 32 on Triton 3.6)
+RANK_SLICE = 16
+
+
 def tile_shape(w_dtype: torch.dtype, block_r: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, warps). Fixed, not autotuned: autotuning an in-place kernel needs a W-sized backup.
 
     16 elements per thread (32 x 64 over 4 warps) keeps a 16-bit merge near 48 registers with nearest rounding
-    and under 80 with stochastic in the sm_90 compile, so 6-10 programs fit per SM. Wider ranks and fp32/fp64 W
-    take half the tile. The interpreter's cost is per program: there, few large tiles.
+    and under 80 with stochastic in the sm_90 compile, so 6-10 programs fit per SM; any rank, since wider ones run
+    in RANK_SLICE-wide slices. fp32/fp64 W take half the tile. The interpreter's cost is per program: there, few
+    large tiles.
     """
     if interpreting():
         return 32, 64, 4
+    if w_dtype in (torch.float32, torch.float64):
+        return 16, 64, 4
+    return 32, 64, 4
     if w_dtype in (torch.float32, torch.float64) or block_r > 16:
         return 16, 64, 4
     return 32, 64, 4
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 _RESIDENT: dict = {}  # compiled-variant key -> programs resident per SM
@@ -340,7 +360,7 @@ def _programs(device: torch.device, n_tiles: int, key, compiled_fn) -> int:
         by_smem = props.shared_memory_per_multiprocessor // max(1, kernel.metadata.shared)
         by_threads = props.max_threads_per_multi_processor // threads
         per_sm = _RESIDENT[key] = max(1, min(by_regs, by_smem, by_threads, 32))
-    return max(1, min(n_tiles, per_sm * _sm_count(device.index or 0)))
+    return max(1, min(n_tiles, per_sm * num_sms(device)))
 
 
 def _vector_rows(t: torch.Tensor) -> bool:
@@ -367,8 +387,11 @@ def launch_meta(key: tuple, write: bool, exact: bool = False) -> dict:
     w_dtype, a_dtype, b_dtype, mode, dot, block_r, fma_r, contig = key
     block_m, block_n, warps = tile_shape(w_dtype, block_r)
     factors_fp32, precision = dot_precision(w_dtype, a_dtype, b_dtype)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(block_r, 16), DOT=dot, FMA_R=fma_r,
-                DOT_PRECISION=precision, FACTORS_FP32=factors_fp32, ROUND=mode, SOFT_BF16=interpreting(),
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(max(block_r, 16), RANK_SLICE),
+                RANK_LOOP=block_r > RANK_SLICE, DOT=dot, FMA_R=fma_r,
+                DOT_PRECISION=precision, FACTORS_FP32=factors_fp32,
+                # the quick check rounds nothing: one compiled variant serves nearest and stochastic
+                ROUND=mode if write or exact else min(mode, 1), SOFT_BF16=interpreting(),
                 CONTIG=contig, WRITE=write, EXACT=exact and not write, MAX_FINITE=max_finite(w_dtype) if mode else 0.0,
                 FP16_EMIN=FP16_MIN_BIASED_EXP, num_warps=warps,
                 # no contraction of B A's products and sums into FMAs: the kernel then rounds exactly as the
@@ -397,28 +420,29 @@ def merge_group_(merges: Sequence, *, write: bool, exact: bool = False) -> torch
     key = group_key(first)
     meta = launch_meta(key, write, exact)
     device = first.weight.device
-    starts, rows = [0], []
-    for m in merges:
-        M, N = m.weight.shape
-        R = m.lora_A.shape[0]
-        strides = (*m.weight.stride(), *m.lora_A.stride(), *m.lora_B.stride())
-        if max(M, N, R, *strides) >= _INT32_LIMIT:
-            raise ValueError(f"the Triton unload takes sizes and strides below {_INT32_LIMIT}, got weight "
-                             f"{tuple(m.weight.shape)} with strides {strides}")
-        rows.append([m.weight.data_ptr(), m.lora_A.data_ptr(), m.lora_B.data_ptr(), M, N, R, *strides, m.seed,
-                     m.row_offset])
-        starts.append(starts[-1] + triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]))
-    table = _host_table(rows, device)
-    tile_starts = _host_table([starts], device).view(-1)
-    compute = torch.float64 if key[0] == torch.float64 else torch.float32
-    coefs = torch.tensor([m.coef for m in merges], dtype=compute,
-                         pin_memory=device.type == "cuda").to(device, non_blocking=True)
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-    args = (table, coefs, tile_starts, flag, len(merges), first.weight, first.lora_A, first.lora_B)
-    n = _programs(device, starts[-1], (device.index, key, write, exact),
-                  lambda: _merge_kernel.warmup(*args, grid=(1,), **meta))
-    _merge_kernel[(n,)](*args, **meta)
-    return flag
+    with on_device(device):  # the tables' copies and the launch on W's device and its current stream
+        starts, rows = [0], []
+        for m in merges:
+            M, N = m.weight.shape
+            R = m.lora_A.shape[0]
+            strides = (*m.weight.stride(), *m.lora_A.stride(), *m.lora_B.stride())
+            if max(M, N, R, *strides) >= _INT32_LIMIT:
+                raise ValueError(f"the Triton unload takes sizes and strides below {_INT32_LIMIT}, got weight "
+                                 f"{tuple(m.weight.shape)} with strides {strides}")
+            rows.append([m.weight.data_ptr(), m.lora_A.data_ptr(), m.lora_B.data_ptr(), M, N, R, *strides, m.seed,
+                         m.row_offset])
+            starts.append(starts[-1] + triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]))
+        table = _host_table(rows, device)
+        tile_starts = _host_table([starts], device).view(-1)
+        compute = torch.float64 if key[0] == torch.float64 else torch.float32
+        coefs = torch.tensor([m.coef for m in merges], dtype=compute,
+                             pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        args = (table, coefs, tile_starts, flag, len(merges), first.weight, first.lora_A, first.lora_B)
+        n = _programs(device, starts[-1], (device.index, key, write, exact),
+                      lambda: _merge_kernel.warmup(*args, grid=(1,), **meta))
+        _merge_kernel[(n,)](*args, **meta)
+        return flag
 
 
 def init_lora_A_group_(lora_As: Sequence[torch.Tensor], seeds: Sequence[int]) -> None:
@@ -433,7 +457,8 @@ def init_lora_A_group_(lora_As: Sequence[torch.Tensor], seeds: Sequence[int]) ->
         starts.append(starts[-1] + triton.cdiv(R, block_r) * triton.cdiv(N, block_n))
     if starts[-1] == 0:
         return
-    table = _host_table(rows, first.device)
-    tile_starts = _host_table([starts], first.device).view(-1)
-    _init_kernel[(starts[-1],)](table, tile_starts, len(lora_As), first, BLOCK_R=block_r, BLOCK_N=block_n,
-                                SOFT_BF16=interpreting(), num_warps=4)
+    with on_device(first.device):
+        table = _host_table(rows, first.device)
+        tile_starts = _host_table([starts], first.device).view(-1)
+        _init_kernel[(starts[-1],)](table, tile_starts, len(lora_As), first, BLOCK_R=block_r, BLOCK_N=block_n,
+                                    SOFT_BF16=interpreting(), num_warps=4)

@@ -1,0 +1,69 @@
+"""The compile matrix (``python -m plora_kernels.ops.triton.matrix``) for the test session, once per Triton.
+
+Compiling every kernel variant for four architectures takes minutes of CPU, so conftest.py starts each run in
+the background as soon as collection shows tests/test_kernels_compile.py will run (one compile process each: the
+rest of the suite uses one core, the runs share the other), and the tests collect the result when they get to it.
+
+Two Tritons: the newest supported one is the test venv's; the oldest runs in a second venv named by
+``PLORA_OLDEST_TRITON_PYTHON`` (its python: the CPU torch wheel plus ``triton==3.6.0``; ``.ci/run`` builds it).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OLDEST_ENV = "PLORA_OLDEST_TRITON_PYTHON"
+_runs: dict = {}
+
+
+def python_for(which: str) -> str | None:
+    return sys.executable if which == "newest" else os.environ.get(OLDEST_ENV) or None
+
+
+def start(which: str, jobs: int = 1) -> None:
+    """Start the matrix run for ``which`` ("newest" or "oldest") unless it runs already or has no python."""
+    python = python_for(which)
+    if which in _runs or python is None:
+        return
+    out = Path(tempfile.mkdtemp(prefix=f"plora-matrix-{which}-"))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter replaces the compiler
+    env["TRITON_CACHE_DIR"] = str(out / "cache")  # compile for real, not from a cache
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    log = open(out / "log.txt", "w")
+    proc = subprocess.Popen([python, "-m", "plora_kernels.ops.triton.matrix", "--jobs", str(jobs),
+                             "--json", str(out / "matrix.json")], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    _runs[which] = (proc, out, log)
+
+
+def result(which: str, timeout: float = 1800) -> dict:
+    """The run's JSON record (``triton``, ``archs``, ``variants`` with each one's result and violations)."""
+    start(which, jobs=2)  # not started at collection (e.g. a single test selected): use both cores now
+    proc, out, log = _runs[which]
+    proc.wait(timeout=timeout)
+    log.flush()
+    path = out / "matrix.json"
+    if not path.exists():
+        tail = (out / "log.txt").read_text()[-4000:]
+        raise RuntimeError(f"the compile matrix under {python_for(which)} wrote no record (exit {proc.returncode})"
+                           f":\n{tail}")
+    return json.loads(path.read_text())
+
+
+def stop_all() -> None:
+    """Stop runs the session no longer needs (an interrupted or deselected session)."""
+    for proc, _, log in _runs.values():
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def start_for(items) -> None:
+    """conftest's collection hook: start both runs (one compile process each) if a matrix test was collected."""
+    if any(item.nodeid.startswith("tests/test_kernels_compile.py") and "[" in item.nodeid and
+           ("newest" in item.nodeid or "oldest" in item.nodeid) for item in items):
+        for which in ("newest", "oldest"):
+            start(which, jobs=1)
