@@ -865,3 +865,98 @@ def test_bench_cli_refuses_bad_flags(monkeypatch, name, flags, flag):
         pytest.skip(f"plora bench {name} {' '.join(flags)} raised {type(exc).__name__}: {exc}")
     assert code == 2, (code, err)
     assert flag in err and "Traceback" not in err, err
+
+
+# ------------------------------------------------------------------------------------------ issue 23
+# PeriodicUnloader.step() now counts the optimizer steps that really happened (a step post-hook), so a step()
+# with no optimizer step before it is a no-op. The helper above is redefined (append-only file): the unloader
+# takes one real optimizer step (no gradients: nothing moves) before its mid-stage step(), so the rows that use
+# it still stand mid-stage and the next step() still ends the stage.
+def _unloader(every=2, model=None):  # noqa: F811 - replaces the helper of the PeriodicUnloader section
+    model = model if model is not None else plora_mlp()
+    opt = trained(model)
+    u = PeriodicUnloader(model, opt, every, seed=5)
+    opt.step()  # a real optimizer step, seen by the unloader's hook
+    u.step()  # step 1 of 2: mid-stage
+    opt.step()  # the step the next u.step() counts: it ends the stage
+    return u
+
+
+_ISSUE_23_ROWS = len(CASES)  # the rows below run in test_issue_23_rows (the table's test was parametrized above)
+
+
+def _spec(lay, label, momentum=None, **kw):
+    spec = lay.unload_spec(label=label, seed=7)
+    return spec._replace(momentum=lay.momentum if momentum is None else momentum, **kw)
+
+
+def _two_layers(share, m1, m2):
+    """Two PLoRALinear layers, the second's ``share`` factor being the first's (one Parameter)."""
+    a, b = layer(momentum=m1), layer(momentum=m2)
+    setattr(b, share, getattr(a, share))
+    return a, b
+
+
+def _unload_many(specs):
+    from plora_kernels.ops.unload import unload_many_
+
+    return unload_many_(specs)
+
+
+row("unload_many_-same-layer-twice", ValueError, ("specs[1] (fc) repeats specs[0] (fc)", "twice"),
+    lambda specs: _unload_many(specs), lambda: (lambda lay: [[_spec(lay, "fc"), _spec(lay, "fc")]])(layer()))
+row("unload_many_-same-layer-twice-among-others", ValueError, ("specs[2] (a) repeats specs[0] (a)",),
+    lambda specs: _unload_many(specs),
+    lambda: (lambda a, b: [[_spec(a, "a"), _spec(b, "b"), _spec(a, "a")]])(layer(), layer()))
+row("unload_many_-shared-lora_A-momentum-0-and-0.5", ValueError, ("specs[1] (b).lora_A", "specs[0] (a)", "momentum"),
+    lambda specs: _unload_many(specs),
+    lambda: (lambda a, b: [[_spec(a, "a"), _spec(b, "b")]])(*_two_layers("lora_A", 0.0, 0.5)))
+row("unload_many_-shared-lora_B-momentum-0.5", ValueError, ("specs[1] (b).lora_B", "specs[0] (a)", "twice"),
+    lambda specs: _unload_many(specs),
+    lambda: (lambda a, b: [[_spec(a, "a"), _spec(b, "b")]])(*_two_layers("lora_B", 0.5, 0.5)))
+
+
+def _model_sharing_lora_A():
+    """fc1 and fc3 (both 16 -> 16) share one lora_A Parameter, fc1 at momentum 0 and fc3 at 0.5."""
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(16, 16), act=nn.Tanh(), fc3=nn.Linear(16, 16)))
+    model = apply_plora(model, r=2, alpha=4)
+    model.fc3.lora_A = model.fc1.lora_A
+    model.fc3.momentum = 0.5
+    with torch.no_grad():
+        model.fc1.lora_B.normal_(0.0, 0.1, generator=_gen(2))
+    return model
+
+
+row("unload_all_-shared-lora_A-mixed-momentum", ValueError, ("fc3", "fc1", "lora_A"), lambda m: unload_all_(m),
+    lambda: [_model_sharing_lora_A()])
+row("PeriodicUnloader.unload-shared-lora_A-mixed-momentum", ValueError, ("fc3", "fc1", "lora_A"),
+    lambda u, m: u.unload(), lambda: (lambda m: [PeriodicUnloader(m, None, 2), m])(_model_sharing_lora_A()))
+row("layer.rounding-set-to-nonsense", ValueError, "rounding", lambda lay: setattr(lay, "rounding", "up"),
+    lambda: [layer()])
+row("layer.adapters_to_-int-dtype", TypeError, "dtype", lambda lay: lay.adapters_to_(torch.int32), lambda: [layer()])
+row("layer.adapters_to_-str-dtype", TypeError, "dtype", lambda lay: lay.adapters_to_("float32"), lambda: [layer()])
+_sd_row("pending_steps-negative", ValueError, "pending_steps", _edit(pending_steps=-1))
+_sd_row("pending_steps-float", ValueError, "pending_steps", _edit(pending_steps=0.5))
+row("PeriodicUnloader-peft-model", ValueError, ("apply_plora", "plora_kernels.integrations.peft.from_peft"),
+    lambda m: PeriodicUnloader(m, None, 2), lambda: [_peft_model()])
+row("PLoRACallback.on_train_begin-peft-model", ValueError,
+    ("PLoRACallback", "apply_plora", "plora_kernels.integrations.peft.from_peft"),
+    lambda m: _callback(2).on_train_begin(None, SimpleNamespace(global_step=0), None, model=m, optimizer=None),
+    lambda: [_peft_model()])
+row("from_peft-embedding-an", TypeError, ("is an Embedding on an Embedding",),
+    lambda m: _from_peft(m), lambda: [_peft_model(target_modules=["embed_tokens", "q_proj"])])
+
+
+@pytest.mark.parametrize("c", _params()[_ISSUE_23_ROWS:])
+def test_issue_23_rows(c: Case):
+    test_bad_input_is_refused_clearly_and_changes_nothing(c)
+
+
+def test_a_step_with_no_optimizer_step_before_it_changes_nothing():
+    """After a skipped optimizer step (or on a micro-batch) step() counts nothing, even at a stage end."""
+    model = plora_mlp()
+    opt = trained(model)
+    u = PeriodicUnloader(model, opt, 1)
+    before = snapshot([u, model, opt])
+    assert u.step() is False
+    assert_unchanged(before, snapshot([u, model, opt]), "step() without an optimizer step")

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..nn.linear import PLoRALinear, check_layer_args
 from ..nn.patching import LAYER_KWARGS, tied_weights, untie_config_, warn_untied
+from ..ops.checks import article
 
 
 def _alpha_for(scaling: float, r: int) -> float:
@@ -42,9 +43,9 @@ def _check_layer(name: str, layer, lora_linear_cls) -> str:
     """The adapter name of a convertible PEFT LoRA layer; raises naming the layer and the reason otherwise."""
     where = f"from_peft: layer {name!r}"
     if type(layer) is not lora_linear_cls or type(layer.get_base_layer()) is not nn.Linear:
-        raise TypeError(f"{where} is a {type(layer).__name__} on a {type(layer.get_base_layer()).__name__}; only "
-                        "LoRA on plain nn.Linear layers can become PLoRALinear (not Embedding, Conv, quantized "
-                        "or parameter-targeted layers)")
+        kind, base = type(layer).__name__, type(layer.get_base_layer()).__name__
+        raise TypeError(f"{where} is {article(kind)} on {article(base)}; only LoRA on plain nn.Linear layers can "
+                        "become PLoRALinear (not Embedding, Conv, quantized or parameter-targeted layers)")
     adapters = list(layer.lora_A.keys())
     if len(adapters) != 1:
         raise ValueError(f"{where} holds adapters {adapters}; from_peft converts exactly one adapter "
@@ -119,8 +120,8 @@ def from_peft(peft_model: nn.Module, **kw) -> nn.Module:
             lora_layers.append((name, module))
         elif isinstance(module, AuxWrapper):
             if not isinstance(module, ModulesToSaveWrapper):
-                raise ValueError(f"from_peft: {name!r} is a {type(module).__name__} (e.g. trainable_token_indices); "
-                                 "only modules_to_save wrappers are supported")
+                raise ValueError(f"from_peft: {name!r} is {article(type(module).__name__)} (e.g. "
+                                 "trainable_token_indices); only modules_to_save wrappers are supported")
             wrappers.append((name, module))
     if not lora_layers:
         raise ValueError("peft_model has no LoRA layers")

@@ -33,6 +33,7 @@ from ..train.unloader import (
     auto_every,
     check_every,
     is_auto,
+    no_plora_layers_error,
     warn_auto_without_unload,
 )
 
@@ -83,9 +84,11 @@ class PLoRACallback(TrainerCallback, ExportableState):
     """Unload every PLoRALinear of the Trainer's model every ``every`` optimizer steps.
 
     A Trainer "step" (``state.global_step``) is an optimizer step: with ``gradient_accumulation_steps=k`` an
-    unload happens every ``every * k`` micro-batches. The unload runs in ``on_step_end``, after the optimizer
-    and LR-scheduler steps of that step and before the Trainer logs or saves it, so a checkpoint written at an
-    unload step already holds the merged weights.
+    unload happens every ``every * k`` micro-batches. The stages count the optimizer steps that really happened
+    (the :class:`PeriodicUnloader`'s step hook): a step the fp16 GradScaler skips on an overflow advances
+    ``global_step`` but not the stage. The unload runs in ``on_step_end``, after the optimizer and LR-scheduler
+    steps of that step and before the Trainer logs or saves it, so a checkpoint written at an unload step already
+    holds the merged weights.
 
     Args:
         every: stage length in optimizer steps, or "auto" (the default): :func:`plora_kernels.auto_every` of
@@ -122,6 +125,7 @@ class PLoRACallback(TrainerCallback, ExportableState):
         check_int("seed", seed, error=TypeError)
         self.every, self.momentum, self.optimizer_reset, self.seed = every, momentum, optimizer_reset, seed
         self.unloader: PeriodicUnloader | None = None
+        self._global_step: int | None = None  # the Trainer step the unloader's state belongs to
         self.last_delta_norm: float | None = None
         self._pending_sq_norm: torch.Tensor | None = None  # of the last unload; read only when logging
 
@@ -143,6 +147,8 @@ class PLoRACallback(TrainerCallback, ExportableState):
         if model is None:
             raise ValueError("PLoRACallback needs the Trainer's model (the callback kwarg 'model' was None)")
         model = unwrap_model(model)
+        if next(plora_layers(model), None) is None:
+            raise no_plora_layers_error(model, "PLoRACallback")
         every = self._resolve_every(state)
         reset = self.optimizer_reset
         if reset is None and self.momentum is not None:  # PeriodicUnloader's default once every layer has it
@@ -167,17 +173,21 @@ class PLoRACallback(TrainerCallback, ExportableState):
                               "unload will happen (this trains plain LoRA)", UserWarning, stacklevel=2)
         self._apply_momentum(unloader)
         self.unloader, self.last_delta_norm, self._pending_sq_norm = unloader, last, None
+        self._global_step = state.global_step
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.unloader is None:
             unloader = self._build(model, optimizer, state)
             self._apply_momentum(unloader)
+            if unloader.counts_optimizer_steps:
+                unloader._pending += 1  # built after this step's optimizer step, which its hook did not see
             self.unloader = unloader
         u = self.unloader
-        if (u.step_count + 1) % u.every == 0:  # u.step() below ends the stage and unloads
+        if u.will_unload():  # u.step() below ends the stage and unloads
             # the unload resets the factors: measure what it merges first, on the layers it unloads
             self._pending_sq_norm = _sq_norm(u.layers)
-        u.step()
+        u.step()  # counts the optimizer steps that happened: none if this one was skipped (fp16 overflow)
+        self._global_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.unloader is None or self.unloader.num_unloads == 0 or logs is None:
@@ -198,6 +208,8 @@ class PLoRACallback(TrainerCallback, ExportableState):
     def _saved_state(self) -> dict:
         if self.unloader is not None:
             saved = self.unloader.state_dict()
+            if self._global_step is not None:
+                saved["global_step"] = self._global_step  # step_count counts real optimizer steps only
         else:  # the Trainer asks before training begins (TrainerState init): a stage driver at step 0 (with
             # every="auto" still unresolved: the run's length is not known yet)
             saved = {"every": self.every, "step_count": 0, "num_unloads": 0, "seed": self.seed,
@@ -236,8 +248,11 @@ class PLoRACallback(TrainerCallback, ExportableState):
                      "optimizer_reset": unloader.optimizer_reset}
         if not isinstance(saved, dict):
             raise ValueError(f"PLoRA state in the checkpoint must be a dict, got {type(saved).__name__}")
-        if "step_count" in saved and saved["step_count"] != state.global_step:
-            raise ValueError(f"PLoRA state in the checkpoint is at step {saved['step_count']} but the Trainer "
+        # the Trainer step the state was saved at: "global_step" (the unloader's step_count counts only optimizer
+        # steps that happened, fewer when fp16 overflows skipped some); checkpoints before it had step_count
+        saved_at = saved.get("global_step", saved.get("step_count"))
+        if saved_at is not None and saved_at != state.global_step:
+            raise ValueError(f"PLoRA state in the checkpoint is at step {saved_at} but the Trainer "
                              f"resumes at step {state.global_step}; the checkpoint is inconsistent")
         unloader.load_state_dict(saved)
         return saved.get("last_delta_norm")

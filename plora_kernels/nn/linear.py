@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -22,10 +24,14 @@ from ..ops.merge import Merge, merge_many_
 from ..ops.reference import init_lora_A_
 from ..ops.unload import UnloadSpec, unload_many_
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 
 def default_rounding(dtype: torch.dtype) -> str:
-    """Stochastic for 16-bit weights, where nearest rounding erases updates below half an ulp."""
-    return "stochastic" if dtype in (torch.float16, torch.bfloat16) else "nearest"
+    """Stochastic for 16-bit weights, where nearest rounding erases updates below half an ulp; "nearest" for
+    fp32/fp64 weights, where the rounding is not used (an fp32 merge rounds the fp32 sum, an fp64 one does not
+    round)."""
+    return "stochastic" if dtype in HALF_DTYPES else "nearest"
 
 
 class PLoRALinear(nn.Module):
@@ -37,8 +43,13 @@ class PLoRALinear(nn.Module):
         in_features, out_features, bias: as nn.Linear.
         r: adapter rank. alpha: LoRA alpha; ``scaling = alpha / r``.
         momentum: fraction of the adapter kept at each unload (0: merge all and re-initialise).
-        rounding: "nearest" or "stochastic"; None picks stochastic for fp16/bf16 weights, else nearest.
-        adapter_dtype: dtype of lora_A/lora_B; None keeps fp32 adapters on a 16-bit base (PEFT's default).
+        rounding: "nearest" or "stochastic"; None (the default) decides at each unload from W's dtype *then*:
+            stochastic for fp16/bf16 weights, nothing to choose for fp32/fp64. So a layer built in fp32 and cast
+            later (``model.to(torch.bfloat16)``, ``model.half()``) rounds stochastically. ``layer.rounding`` reads
+            the rounding the next unload uses; setting it to None goes back to following W. An explicit
+            "nearest" into a 16-bit W warns once per layer (it erases updates below half an ulp).
+        adapter_dtype: dtype of lora_A/lora_B; None keeps fp32 adapters on a 16-bit base (PEFT's default). A cast
+            of the layer (``.to(dtype)``, ``.half()``) casts the adapters too: see :meth:`adapters_to_`.
         lora_dropout: dropout probability on the adapter's input, in training mode only (PEFT's semantics); its
             mask is regenerated from a seed, never stored (see :func:`plora_kernels.lora_linear`).
     """
@@ -65,13 +76,50 @@ class PLoRALinear(nn.Module):
         self.r, self.alpha = r, alpha
         self.momentum = momentum
         self.lora_dropout = float(lora_dropout)
-        self.rounding = rounding or default_rounding(self.weight.dtype)
+        self.rounding = rounding  # None: decided from W's dtype at each unload (the property below)
         self.register_buffer("num_unloads", torch.zeros((), dtype=torch.long, device=device))
         self.reset_parameters()
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+    @property
+    def rounding(self) -> str:
+        """The rounding the next unload uses: the one set explicitly, or (None) the default for W's current dtype,
+        "stochastic" for fp16/bf16 and "nearest" (unused) for fp32/fp64."""
+        explicit = vars(self).get("_rounding", vars(self).get("rounding"))  # (a layer pickled by an older release)
+        return explicit or default_rounding(self.weight.dtype)
+
+    @rounding.setter
+    def rounding(self, value: str | None) -> None:
+        self._rounding = check_rounding(value, allow_none=True)
+
+    @property
+    def rounding_is_explicit(self) -> bool:
+        """Whether ``rounding`` was set ("nearest"/"stochastic") rather than following W's dtype (None)."""
+        return vars(self).get("_rounding", vars(self).get("rounding")) is not None
+
+    @torch.no_grad()
+    def adapters_to_(self, dtype: torch.dtype = torch.float32) -> "PLoRALinear":
+        """Cast lora_A and lora_B (and their gradients) to ``dtype`` in place, keeping the Parameter objects (an
+        optimizer built before still holds them; cast before its first step, whose state takes their dtype).
+        ``model.to(torch.bfloat16)`` casts the adapters with the base; the recommended setup is fp32 adapters on a
+        16-bit base (PEFT's default, and what ``apply_plora`` gives a model already in 16 bits)::
+
+            model.to(torch.bfloat16)
+            for _, layer in plora_kernels.plora_layers(model):
+                layer.adapters_to_(torch.float32)
+
+        Returns the layer. TypeError for a dtype that is not fp16/bf16/fp32/fp64."""
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be a floating-point dtype (fp16/bf16/fp32/fp64), got {dtype!r}")
+        for p in (self.lora_A, self.lora_B):
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                if p.grad is not None:
+                    p.grad = p.grad.to(dtype)
+        return self
 
     def reset_parameters(self) -> None:
         """Base weight as nn.Linear; adapter as PEFT (A kaiming-uniform, B zero, so the adapter starts at 0)."""
@@ -113,14 +161,16 @@ class PLoRALinear(nn.Module):
                            self.lora_dropout if self.training else 0.0)
 
     def unload_(self, generator: torch.Generator | None = None) -> None:
-        """Merge the adapter into the weight (momentum rule, one rounding) and reset it; counts unloads."""
+        """Merge the adapter into the weight (momentum rule, one rounding) and reset it; counts unloads. The
+        rounding is :attr:`rounding` at this moment (from W's dtype now, unless set); the adapters' gradients are
+        dropped (``.grad = None``): they belong to the adapter before the unload."""
         unload_layers_([self], [generator])
 
     def unload_spec(self, generator: torch.Generator | None = None, label: str = "",
                     seed: int | None = None) -> UnloadSpec:
         """This layer's arguments to :func:`plora_kernels.ops.unload.unload_many_`."""
         return UnloadSpec(self.weight, self.lora_A, self.lora_B, self.scaling, self.momentum, self.rounding,
-                          generator, label, seed)
+                          generator, label, seed)  # self.rounding: decided from W's dtype now, if not set
 
     @torch.no_grad()
     def merged_linear(self, label: str = "") -> nn.Linear:
@@ -143,7 +193,8 @@ class PLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"r={self.r}, alpha={self.alpha}, momentum={self.momentum}, rounding={self.rounding!r}, "
+                f"r={self.r}, alpha={self.alpha}, momentum={self.momentum}, rounding={self.rounding!r}"
+                f"{'' if self.rounding_is_explicit else ' (from W dtype)'}, "
                 f"lora_dropout={self.lora_dropout}, "
                 f"unloads={int(self.num_unloads)}")
 
@@ -169,6 +220,9 @@ def check_layer_args(r, alpha, momentum=0.0, rounding=None, adapter_dtype=None, 
 def unload_layers_(layers, generators=None, labels=None, seeds=None) -> None:
     """Unload PLoRALinear layers together and count the unloads: on the kernel path they share their checks
     and one host sync (see :func:`plora_kernels.ops.unload.unload_many_`), and nothing changes on an error.
+    Each layer rounds as its :attr:`PLoRALinear.rounding` says now (W's current dtype unless set); after the
+    unload the adapters' ``.grad`` are None, and an explicit rounding="nearest" into a 16-bit W warns (once per
+    layer).
 
     ``generators``: one per layer (or None: torch's default CPU generator); ``seeds``: one int per layer instead
     (the random streams derive from it on the host); ``labels``: names for error messages.
@@ -183,3 +237,38 @@ def unload_layers_(layers, generators=None, labels=None, seeds=None) -> None:
     unload_many_([layer.unload_spec(g, name, seed) for layer, g, name, seed in zip(layers, generators, labels, seeds)])
     if layers:
         torch._foreach_add_([layer.num_unloads for layer in layers], 1)
+    for layer in layers:
+        # a gradient computed for the adapter before the unload (e.g. half of an accumulated one) belongs to the
+        # old A and B: it must never update the fresh A (or the scaled B)
+        layer.lora_A.grad = None
+        layer.lora_B.grad = None
+    _warn_nearest_into_16_bit(layers, labels)
+
+
+# layers already warned about an explicit rounding="nearest" into a 16-bit weight (once per layer, so once per
+# model: a model's layers unload together)
+_WARNED_NEAREST: weakref.WeakSet = weakref.WeakSet()
+
+
+def _warn_nearest_into_16_bit(layers, labels) -> None:
+    named = [(layer, label) for layer, label in zip(layers, labels)
+             if layer.rounding_is_explicit and layer.rounding == "nearest" and layer.weight.dtype in HALF_DTYPES
+             and layer not in _WARNED_NEAREST]
+    if not named:
+        return
+    for layer, _ in named:
+        _WARNED_NEAREST.add(layer)
+    dtypes = sorted({str(layer.weight.dtype) for layer, _ in named})
+    names = [repr(label) for _, label in named if label]
+    if names:
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        who = f"PLoRALinear layer{'s' if len(named) > 1 else ''} {shown}"
+    else:
+        who = f"{len(named)} PLoRALinear layer{'s' if len(named) > 1 else ''}"
+    warnings.warn(
+        f"{who}: rounding='nearest' set explicitly, with a {' / '.join(dtypes)} weight: round-to-nearest erases "
+        "the part of every unload's update below half an ulp of W (2^-9 of |W| in bf16, 2^-12 in fp16), at every "
+        "unload, so small stage updates never reach W. Use rounding=None (decided from W's dtype at each unload: "
+        "stochastic for fp16/bf16; e.g. layer.rounding = None) or 'stochastic'. To keep 'nearest' and silence this: "
+        "warnings.filterwarnings('ignore', message=\".*rounding='nearest'\"). (Warned once per layer.)",
+        UserWarning, stacklevel=4)  # the caller of unload_ / unload_all_ / PeriodicUnloader.unload

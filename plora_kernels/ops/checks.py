@@ -14,6 +14,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ROUNDINGS = ("nearest", "stochastic")
 
 
+def article(word: str) -> str:
+    """``word`` with its indefinite article, for messages: "an Embedding", "a Linear"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def _tensor(name: str, t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -46,6 +46,10 @@ def unload_many_(specs: Sequence[UnloadSpec]) -> None:
 
     A generator shared by several layers is consumed in layer order: each layer's rounding seed, then its
     fresh-A seed. Per-layer generators give exactly what per-layer ``unload_`` calls give.
+
+    Refused with ValueError, naming the specs, before anything changes: the same layer twice (its update would be
+    merged twice), one lora_A shared by layers of momentum 0 and > 0, one lora_B shared by layers of which one has
+    momentum > 0 (see ``_check_no_repeats``), and a factor sharing memory with another layer's weight.
     """
     if isinstance(specs, UnloadSpec) or not isinstance(specs, (list, tuple)):
         raise TypeError(f"specs must be a list of UnloadSpec, got {type(specs).__name__}")
@@ -69,6 +73,7 @@ def unload_many_(specs: Sequence[UnloadSpec]) -> None:
             sharded.append(spec)
         else:
             plain.append(spec._replace(scaling=scaling, momentum=momentum))
+    _check_no_repeats(specs)
     _check_no_cross_overlap(plain)
     # the generators the seeds are drawn from, restored if the merge refuses: an error consumes no random numbers
     generators = {id(g): g for g in (s.generator if s.generator is not None else torch.default_generator
@@ -92,6 +97,59 @@ def unload_many_(specs: Sequence[UnloadSpec]) -> None:
                         generator=s.generator, seed=s.seed)
 
 
+def _spec_name(specs: Sequence[UnloadSpec], k: int) -> str:
+    return f"specs[{k}]" + (f" ({specs[k].label})" if specs[k].label else "")
+
+
+def _check_no_repeats(specs: Sequence[UnloadSpec]) -> None:
+    """Factors that two specs share, where the unload would go wrong (checked before anything is written):
+
+    - the same layer twice (one weight, one lora_A, one lora_B): its update would be merged twice;
+    - one lora_A for layers of momentum 0 and momentum > 0: the m = 0 unload re-draws the A that the m > 0 layer
+      keeps (with its B scaled by m), which changes that layer's function;
+    - one lora_B for layers of which one has momentum > 0: each unload scales (or zeroes) B, so it would be scaled
+      twice, m_i m_j, or zeroed under the m > 0 layer.
+
+    Layers sharing one weight with their own factors are fine (they merge in turn), and so are factors shared by
+    layers that all reset them the same way (all m = 0, or lora_A with all m > 0). Linear in the number of layers
+    (only specs whose factors share a storage are compared)."""
+    if len(specs) < 2:
+        return
+    groups: dict = {}
+    for i, s in enumerate(specs):
+        for kind in ("lora_A", "lora_B"):
+            t = _local(getattr(s, kind))
+            if t.numel() and not t.is_meta:
+                groups.setdefault((kind, t.device, t.untyped_storage().data_ptr()), []).append(i)
+    for (kind, _, _), idx in groups.items():
+        for n, i in enumerate(idx):
+            for j in idx[n + 1:]:
+                si, sj = specs[i], specs[j]
+                if not shares_memory(_local(getattr(si, kind)), _local(getattr(sj, kind))):
+                    continue
+                other = "lora_B" if kind == "lora_A" else "lora_A"
+                wi, wj, oi, oj = (_local(x) for x in (si.weight, sj.weight, getattr(si, other), getattr(sj, other)))
+                if shares_memory(oi, oj) and (shares_memory(wi, wj) or (not wi.numel() and wi is wj)):
+                    raise ValueError(f"{_spec_name(specs, j)} repeats {_spec_name(specs, i)}: the same layer (weight, "
+                                     "lora_A and lora_B) twice would merge its update twice; pass each layer once")
+                mi, mj = float(si.momentum), float(sj.momentum)
+                if kind == "lora_A" and (mi == 0.0) != (mj == 0.0):
+                    raise ValueError(f"{_spec_name(specs, j)}.lora_A is the lora_A of {_spec_name(specs, i)} (one "
+                                     f"storage), with momentum {mj} and {mi}: the momentum-0 unload re-draws lora_A "
+                                     "while the other keeps it with lora_B scaled, which would change that layer's "
+                                     "output; give each layer its own lora_A, or both momentum 0 or both > 0")
+                if kind == "lora_B" and (mi > 0.0 or mj > 0.0):
+                    raise ValueError(f"{_spec_name(specs, j)}.lora_B is the lora_B of {_spec_name(specs, i)} (one "
+                                     f"storage), with momentum {mj} and {mi}: each unload resets lora_B (zeroes it "
+                                     "at momentum 0, scales it by m > 0), so a shared lora_B would be reset twice; "
+                                     "give each layer its own lora_B")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, else the tensor."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def _check_no_cross_overlap(specs: Sequence[UnloadSpec]) -> None:
     """No layer's A or B may share memory with another layer's W: the merges write every W while reading every A
     and B (layers sharing one W are fine: they are merged in turn). Linear in the number of layers."""
@@ -107,7 +165,7 @@ def _check_no_cross_overlap(specs: Sequence[UnloadSpec]) -> None:
                 continue
             for i in weights.get(f.untyped_storage().data_ptr(), ()):
                 if i != j and shares_memory(specs[i].weight, f):
-                    what = [f"specs[{k}]" + (f" ({specs[k].label})" if specs[k].label else "") for k in (i, j)]
+                    what = [_spec_name(specs, k) for k in (i, j)]
                     raise ValueError(f"{what[1]}.{name} shares memory with {what[0]}.weight; an unload writes W "
                                      "while it reads the factors, so they must be separate tensors")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -103,14 +104,71 @@ def unload_generator(seed: int, unload_index: int, layer_index: int, device) -> 
     return g
 
 
+def inner_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (and similar ``.optimizer`` wrappers): the one
+    whose ``step`` really updates the parameters (the wrapper's ``step`` may do nothing, e.g. mid-accumulation)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def steps_are_observable(optimizer) -> bool:
+    """Whether ``optimizer.register_step_post_hook`` sees its real steps: a torch optimizer whose class ``step`` torch
+    has wrapped with its hook runner (every optimizer built through ``torch.optim.Optimizer.__init__``)."""
+    return (isinstance(optimizer, torch.optim.Optimizer)
+            and bool(getattr(type(optimizer).step, "hooked", False))
+            and callable(getattr(optimizer, "register_step_post_hook", None)))
+
+
+def _on_optimizer_step(unloader_ref, optimizer, args, kwargs) -> None:
+    """The optimizer's step post-hook: one real step for the unloader (it runs only when ``optimizer.step()`` ran;
+    GradScaler does not call it for a step it skips). An optimizer that steps through GradScaler's skip itself
+    (``_step_supports_amp_scaling``, e.g. fused Adam) is handed ``found_inf``: that step counts only if it is 0,
+    read when the unloader next needs the count."""
+    unloader = unloader_ref()
+    if unloader is None:
+        return
+    found_inf = getattr(optimizer, "found_inf", None)
+    if isinstance(found_inf, torch.Tensor):
+        unloader._maybe_skipped.append(found_inf.detach().clone())
+    else:
+        unloader._pending += 1
+
+
+def no_plora_layers_error(model: nn.Module, who: str) -> ValueError:
+    """The error for a model without PLoRALinear layers; it names the way out for a PEFT model (e.g. TRL's
+    ``SFTTrainer(peft_config=...)`` hands the Trainer a PeftModel with PEFT's LoRA layers)."""
+    if any(type(m).__module__.split(".")[0] == "peft" for m in model.modules()):
+        return ValueError(f"{who}: model has no PLoRALinear layers; it is a PEFT model (PEFT's LoRA layers, e.g. from "
+                          "get_peft_model or TRL's SFTTrainer(peft_config=...)). Call plora_kernels.apply_plora on the "
+                          "base model instead of wrapping it with PEFT (and pass no peft_config), or convert a PEFT "
+                          "model with plora_kernels.integrations.peft.from_peft(peft_model)")
+    return ValueError(f"{who}: model has no PLoRALinear layers; call plora_kernels.apply_plora(model) first")
+
+
 class PeriodicUnloader:
     """Unload every PLoRALinear of ``model`` every ``every`` optimizer steps and reset their Adam state.
 
-    Call :meth:`step` once after each ``optimizer.step()``.
+    Call :meth:`step` after each ``optimizer.step()``; calling it more often is harmless. It counts the optimizer
+    steps that really happened, seen by a step post-hook on the (torch) optimizer: a ``step()`` after a
+    micro-batch that did not step the optimizer (gradient accumulation by hand, or under accelerate's
+    ``accumulate``, whose optimizer wrapper steps only on the last micro-batch), or after a step that
+    ``torch.amp.GradScaler`` skipped (inf/NaN gradients), counts nothing and cannot unload. With
+    ``optimizer=None``, or an optimizer whose steps a hook cannot see (not a ``torch.optim.Optimizer``), every
+    call counts as one step.
+
+    An unload sets the adapters' ``.grad`` to None: a gradient of the old adapter never updates the new one.
+
+    Resuming: :meth:`state_dict` / :meth:`load_state_dict` restore the stage exactly. The unloads' random numbers
+    derive from ``(seed, unload, layer)``, never from torch's RNG; but ``lora_dropout > 0`` draws its masks from
+    torch's default generator, so a plain loop resumes bit for bit only if the checkpoint also holds
+    ``torch.get_rng_state()`` (and ``torch.cuda.get_rng_state_all()`` on GPUs), restored on resume, as the
+    transformers Trainer does.
 
     Args:
         model: a model holding PLoRALinear layers (see :func:`plora_kernels.apply_plora`).
-        optimizer: the optimizer over the adapters; its per-parameter state for lora_A/lora_B is reset.
+        optimizer: the optimizer over the adapters (an accelerate ``AcceleratedOptimizer`` is unwrapped): its steps
+            are counted and its per-parameter state for lora_A/lora_B is reset.
         every: stage length in optimizer steps, or "auto": the interval :func:`auto_every` chooses for a run
             of ``total_steps`` steps (which "auto" needs); for a run of fewer than 400 steps that is
             ``total_steps + 1``, so no unload happens (plain LoRA) and a UserWarning says so.
@@ -126,6 +184,7 @@ class PeriodicUnloader:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module holding PLoRALinear layers, got {type(model).__name__}")
         check_optimizer(optimizer)
+        optimizer = inner_optimizer(optimizer)
         auto = is_auto(every)
         every = check_every(every, total_steps)  # "auto" -> an int; state_dict() stores that int
         seed = check_int("seed", seed, error=TypeError)
@@ -135,7 +194,7 @@ class PeriodicUnloader:
         self.layers = [layer for _, layer in named]
         self.names = [name for name, _ in named]
         if not self.layers:
-            raise ValueError("model has no PLoRALinear layers; call plora_kernels.apply_plora(model) first")
+            raise no_plora_layers_error(model, "PeriodicUnloader")
         check_untied(model, named, "PeriodicUnloader")
         if optimizer is not None:
             held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group.get("params", ())}
@@ -149,25 +208,55 @@ class PeriodicUnloader:
             warn_auto_without_unload("PeriodicUnloader", "total_steps", total_steps)
         self.optimizer, self.every, self.optimizer_reset, self.seed = optimizer, every, optimizer_reset, seed
         self.total_steps = total_steps
-        self.step_count = 0
+        self.step_count = 0  # optimizer steps counted by step()
         self.num_unloads = 0
+        self._pending = 0  # real optimizer steps the hook saw that step() has not counted yet
+        self._maybe_skipped: list[torch.Tensor] = []  # found_inf flags of steps that may have been skipped
+        self.counts_optimizer_steps = optimizer is not None and steps_are_observable(optimizer)
+        if self.counts_optimizer_steps:
+            handle = optimizer.register_step_post_hook(
+                lambda opt, args, kwargs, ref=weakref.ref(self): _on_optimizer_step(ref, opt, args, kwargs))
+            weakref.finalize(self, handle.remove)  # a dropped unloader stops listening
+
+    def _new_steps(self) -> int:
+        """The optimizer steps since the last counted :meth:`step`: the real ones the hook saw, or 1 per call when
+        the optimizer's steps cannot be observed."""
+        if not self.counts_optimizer_steps:
+            return 1
+        if self._maybe_skipped:  # one host read, only for an optimizer stepping through GradScaler's skips
+            flags = torch.stack([f.reshape(()).float().cpu() for f in self._maybe_skipped]).tolist()
+            self._pending += sum(1 for f in flags if f == 0)
+            self._maybe_skipped.clear()
+        return self._pending
+
+    def will_unload(self) -> bool:
+        """Whether the next :meth:`step` call unloads (a stage ends at the optimizer steps taken since the last
+        one). It changes nothing."""
+        n = self._new_steps()
+        return n > 0 and (self.step_count + n) // self.every > self.step_count // self.every
 
     def step(self) -> bool:
-        """Count one optimizer step; unload when a stage ends. Returns True if it unloaded. If the unload raises
-        (e.g. a merge that would not be finite), nothing changes, the step count included."""
-        if (self.step_count + 1) % self.every:
-            self.step_count += 1
+        """Count the optimizer steps taken since the last call (see the class docstring; none after a micro-batch
+        or a skipped step, which makes this a no-op); unload when a stage ends. Returns True if it unloaded. If
+        several steps passed since the last call and a stage ended among them, it unloads once, now. If the
+        unload raises (e.g. a merge that would not be finite), nothing changes, the step count included, and the
+        next call retries it."""
+        n = self._new_steps()
+        if n == 0:
             return False
-        self.unload()
-        self.step_count += 1
-        return True
+        ends = (self.step_count + n) // self.every > self.step_count // self.every
+        if ends:
+            self.unload()
+        self.step_count += n
+        self._pending = 0
+        return ends
 
     @torch.no_grad()
     def unload(self) -> None:
         """Unload every layer now (together: one host sync on the kernel path) and reset the adapters'
         optimizer state per policy."""
         seeds = [unload_seed(self.seed, self.num_unloads, i) for i in range(len(self.layers))]
-        unload_layers_(self.layers, labels=self.names, seeds=seeds)
+        unload_layers_(self.layers, labels=self.names, seeds=seeds)  # also drops the adapters' gradients
         self._reset_optimizer_state()
         self.num_unloads += 1
 
@@ -189,16 +278,20 @@ class PeriodicUnloader:
 
     def state_dict(self) -> dict:
         """The stage position and the unload settings, plus the layers (their number and names) it drives, which
-        :meth:`load_state_dict` checks: the per-layer random streams derive from each layer's index."""
+        :meth:`load_state_dict` checks: the per-layer random streams derive from each layer's index.
+        ``pending_steps`` holds optimizer steps taken but not yet counted by :meth:`step` (a checkpoint saved
+        between ``optimizer.step()`` and ``unloader.step()``)."""
+        pending = self._new_steps() if self.counts_optimizer_steps else 0
         return {"every": self.every, "step_count": self.step_count, "num_unloads": self.num_unloads,
                 "seed": self.seed, "optimizer_reset": self.optimizer_reset, "num_layers": len(self.layers),
-                "layer_names": list(self.names)}
+                "layer_names": list(self.names), "pending_steps": pending}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output. Every entry is checked before any is applied (ValueError or
-        TypeError naming the key; the unloader is unchanged on an error). ``num_layers`` and ``layer_names`` are
-        optional (older checkpoints lack them); when present they must match this unloader's layers, compared
-        without the names' DDP / torch.compile / FSDP wrapper prefixes."""
+        TypeError naming the key; the unloader is unchanged on an error). ``num_layers``, ``layer_names`` and
+        ``pending_steps`` are optional (older checkpoints lack them; no pending step then); ``num_layers`` and
+        ``layer_names``, when present, must match this unloader's layers, compared without the names' DDP /
+        torch.compile / FSDP wrapper prefixes."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict (PeriodicUnloader.state_dict()), got {type(state).__name__}")
         missing = [k for k in ("every", "step_count", "num_unloads", "seed", "optimizer_reset") if k not in state]
@@ -214,6 +307,7 @@ class PeriodicUnloader:
         reset = state["optimizer_reset"]
         if reset not in OPTIMIZER_RESETS:
             raise ValueError(f"state['optimizer_reset'] must be one of {OPTIMIZER_RESETS}, got {reset!r}")
+        pending = check_int("state['pending_steps']", state.get("pending_steps") or 0, minimum=0)
         if state.get("num_layers") is not None:
             n = check_int("state['num_layers']", state["num_layers"], minimum=0)
             if n != len(self.layers):
@@ -231,6 +325,7 @@ class PeriodicUnloader:
                                  f"index {diff}: {theirs[diff:diff + 1]} vs {ours[diff:diff + 1]}; {len(theirs)} vs "
                                  f"{len(ours)} layers): the checkpoint is from another model")
         self.step_count, self.num_unloads, self.seed, self.optimizer_reset = step_count, num_unloads, seed, reset
+        self._pending, self._maybe_skipped = pending if self.counts_optimizer_steps else 0, []
 
 
 # module-name components that wrappers (DDP, DataParallel, torch.compile, FSDP1, activation checkpointing) insert
