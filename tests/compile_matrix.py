@@ -62,7 +62,10 @@ def stop_all() -> None:
 
 
 def start_for(items) -> None:
-    """conftest's collection hook: start both runs (one compile process each) if a matrix test was collected."""
+    """conftest's collection hook: start both runs (one compile process each) if a matrix test was collected.
+    Not in a pytest-xdist worker: each would start its own; there the tests start what they need when they run."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     if any(item.nodeid.startswith("tests/test_kernels_compile.py") and "[" in item.nodeid and
            ("newest" in item.nodeid or "oldest" in item.nodeid) for item in items):
         for which in ("newest", "oldest"):

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import compile_matrix
 from helpers import DEVICE, triton_runnable
 
 if not torch.cuda.is_available():
@@ -32,3 +33,12 @@ def backend(request, monkeypatch):
 def _seed():
     torch.manual_seed(1234)
 
+
+def pytest_collection_finish(session):
+    """Start the compile matrix in the background if its tests will run: it takes minutes of CPU, and the rest of
+    the suite leaves a core idle (tests/compile_matrix.py)."""
+    compile_matrix.start_for(session.items)
+
+
+def pytest_sessionfinish(session):
+    compile_matrix.stop_all()

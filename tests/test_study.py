@@ -63,6 +63,7 @@ def test_study_unloader_a_init(a_init):
     merged = layer.scaling * layer.lora_B.detach() @ a_old
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     u = study._make_unloader(model, opt, every=1, optimizer_reset="zero", seed=0, a_init=a_init)
+    opt.step()  # an optimizer step (no gradients: nothing moves); PeriodicUnloader.step() counts real steps only
     assert u.step()
     torch.testing.assert_close(layer.weight, w_old + merged)
     assert float(layer.lora_B.detach().abs().max()) == 0.0

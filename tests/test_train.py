@@ -200,6 +200,8 @@ def test_a_refused_unload_at_a_stage_end_changes_nothing():
     layer = model[2]
     with torch.no_grad():
         layer.lora_B[0, 0] = float("nan")
+    opt.zero_grad()
+    opt.step()  # the stage's 2nd optimizer step (no gradients: nothing moves); step() counts real steps only
     def bits(t):  # raw bytes: the NaN compares equal to itself
         return t.detach().reshape(-1).view(torch.uint8).clone()
 

@@ -13,6 +13,8 @@ Must run without TRITON_INTERPRET (the interpreter replaces the compiler).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -23,6 +25,7 @@ from types import SimpleNamespace
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -49,7 +52,36 @@ def _compile(fn, types: dict, constexprs: dict, unit: tuple, divisible: tuple, a
     signature.update({k: "constexpr" for k in constexprs})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    # ptxas runs with -v; its log (spills in bytes, registers) is printed only when asked for: capture it
+    log, dump = io.StringIO(), knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    finally:
+        knobs.nvidia.dump_ptxas_log = dump
+    kernel.ptxas_log = log.getvalue()  # empty when the kernel came from Triton's cache
+    return kernel
+
+
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTX_VECTOR = r"\.v4\.(?:b32|f32|u32|s32)|\.v2\.(?:b64|f64|u64)|\.v8\.(?:b16|f16|bf16)"
+_PTX_LD128 = re.compile(r"\bld\.global[.\w]*?(?:" + _PTX_VECTOR + r")\b")
+_PTX_ST128 = re.compile(r"\bst\.global[.\w]*?(?:" + _PTX_VECTOR + r")\b")
+
+
+def ptx_facts(kernel) -> dict:
+    """What the PTX and ptxas's log show, without disassembling the cubin (which costs ~0.35 s a kernel):
+    ``ptx_ld128``/``ptx_st128`` 16-byte global loads and stores (ptxas keeps a vector access whole),
+    ``ptx_mma``/``ptx_wgmma`` tensor-core instructions, and from ptxas's log ``spill_store_bytes``,
+    ``spill_load_bytes`` and ``stack_frame_bytes`` (None when the kernel came from a cache and ptxas did not run)."""
+    ptx = kernel.asm["ptx"]
+    out = {"ptx_ld128": len(_PTX_LD128.findall(ptx)), "ptx_st128": len(_PTX_ST128.findall(ptx)),
+           "ptx_mma": ptx.count("mma.sync"), "ptx_wgmma": ptx.count("wgmma.mma_async")}
+    hit = _PTXAS_SPILLS.search(getattr(kernel, "ptxas_log", "") or "")
+    stack, stores, loads = (int(g) for g in hit.groups()) if hit else (None, None, None)
+    out.update(stack_frame_bytes=stack, spill_store_bytes=stores, spill_load_bytes=loads)
+    return out
 
 
 def _need_compiler() -> None:
@@ -303,8 +335,9 @@ def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int) -> dict:
 
 
 def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | None = None,
-              rank_trips: int = 1, persistent: bool = True) -> dict:
-    """What the compiler gave a kernel, read from its cubin (cuobjdump) and SASS:
+              rank_trips: int = 1, persistent: bool = True, sass: bool = True) -> dict:
+    """What the compiler gave a kernel, read from its cubin (cuobjdump) and SASS, plus :func:`ptx_facts`
+    (``sass=False``: the registers, stack and those facts only, without the slow disassembly):
 
     - ``registers`` per thread, ``stack_bytes`` and ``local_bytes`` (a spill needs a stack), ``spill_stores``/
       ``spill_loads`` (STL/LDL instructions), ``shared_bytes`` (Triton's dynamic shared memory);
@@ -322,7 +355,7 @@ def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | N
       per clock a streaming kernel must retire.
     """
     num_warps = num_warps or kernel.metadata.num_warps
-    out = {"shared_bytes": kernel.metadata.shared, "num_warps": num_warps}
+    out = {"shared_bytes": kernel.metadata.shared, "num_warps": num_warps, **ptx_facts(kernel)}
     tool = _cuobjdump()
     if tool is None:
         return out
@@ -331,10 +364,13 @@ def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | N
         with open(path, "wb") as fh:
             fh.write(kernel.asm["cubin"])
         usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+        listing = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout if sass else ""
     for key, field in (("registers", "REG"), ("stack_bytes", "STACK"), ("local_bytes", "LOCAL")):
         hit = re.search(rf"\b{field}:(\d+)", usage)
         out[key] = int(hit.group(1)) if hit else None
+    if not sass:
+        return out
+    sass = listing
     ins = parse_sass(sass)
     ops = [op for _, op, _ in ins]
 
@@ -367,19 +403,20 @@ def resources(kernel, num_warps: int | None = None, *, tile: tuple[int, int] | N
 
 
 def unload_resources(*, w: str = "bf16", factors: str = "fp32", r: int = 16, rounding: str = "nearest",
-                     write: bool = True, exact: bool = False, contig: bool = True, arch: int = 90) -> dict:
+                     write: bool = True, exact: bool = False, contig: bool = True, arch: int = 90,
+                     sass: bool = True) -> dict:
     """:func:`resources` of one production merge variant (:func:`compile_unload`), with its launch
     (``meta``: tile, rank, dot, rounding mode) and the instructions per element of its tile loop; the rank-1
     FMA loop runs ``r`` times per tile where it is a runtime loop (no dot, rank above 16)."""
     meta = merge_launch(w=w, factors=factors, r=r, rounding=rounding, write=write, exact=exact, contig=contig)
     kernel = compile_unload(w=w, factors=factors, r=r, rounding=rounding, write=write, exact=exact, contig=contig,
                             arch=arch)
-    got = resources(kernel, meta["num_warps"], tile=(meta["BLOCK_M"], meta["BLOCK_N"]),
+    got = resources(kernel, meta["num_warps"], tile=(meta["BLOCK_M"], meta["BLOCK_N"]), sass=sass,
                     rank_trips=1 if meta["DOT"] or meta["FMA_R"] else r)
     got["meta"] = meta
     return got
 
 
-def init_resources(*, a: str = "fp32", arch: int = 90) -> dict:
+def init_resources(*, a: str = "fp32", arch: int = 90, sass: bool = True) -> dict:
     """:func:`resources` of the fresh-A kernel (one tile per program: the whole kernel counts)."""
-    return resources(compile_init(a=a, arch=arch), INIT_TILE[2], tile=INIT_TILE[:2], persistent=False)
+    return resources(compile_init(a=a, arch=arch), INIT_TILE[2], tile=INIT_TILE[:2], persistent=False, sass=sass)

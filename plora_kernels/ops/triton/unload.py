@@ -247,11 +247,12 @@ def _merge_kernel(
                                     FP16_EMIN, BLOCK_M, BLOCK_N), mask=mask)
         elif not EXACT:  # the quick check: any value the rounding might carry past W's largest finite?
             suspect |= (~(_is_finite(v, COMPUTE) if ROUND == 0 else tl.abs(v) <= MAX_FINITE)).to(tl.int32)
+        elif ROUND == 0:  # the exact check of an fp32/fp64 W, which stores v itself: finite is the whole test
+            if tl.min(tl.min((_is_finite(v, COMPUTE) | (~mask)).to(tl.int32), axis=1), axis=0) == 0:
+                bad = tl.maximum(bad, layer + 1)
         else:  # the exact check, for a group the quick one flagged: round where the quick test cannot decide
-            if ROUND == 0:  # an fp32/fp64 W stores v itself
-                safe = _is_finite(v, COMPUTE) | (~mask)
-            else:  # MAX_FINITE of fp16 and bf16 is exact in fp32; the compare is False for NaN
-                safe = (tl.abs(v) <= MAX_FINITE) | (~mask)
+            # MAX_FINITE of fp16 and bf16 is exact in fp32; the compare is False for NaN
+            safe = (tl.abs(v) <= MAX_FINITE) | (~mask)
             if tl.min(tl.min(safe.to(tl.int32), axis=1), axis=0) == 0:
                 new = _round(v, tl.load(row + 12), rm + tl.load(row + 13), col0, W_T, ROUND, SOFT_BF16,
                              FP16_EMIN, BLOCK_M, BLOCK_N)
@@ -332,10 +333,9 @@ def tile_shape(w_dtype: torch.dtype, block_r: int) -> tuple[int, int, int]:
     """
     if interpreting():
         return 32, 64, 4
+    if w_dtype == torch.float32 and block_r > RANK_SLICE:
+        return 16, 32, 4  # the IEEE fp32 dot in a rank loop spilled a register in 16 x 64 (sm_89, sm_90)
     if w_dtype in (torch.float32, torch.float64):
-        return 16, 64, 4
-    return 32, 64, 4
-    if w_dtype in (torch.float32, torch.float64) or block_r > 16:
         return 16, 64, 4
     return 32, 64, 4
 
