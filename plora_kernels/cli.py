@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import platform
 import shutil
 import subprocess
@@ -63,10 +62,16 @@ def info() -> dict[str, str]:
         rows["torch cuda"] = str(torch.version.cuda)
     else:
         rows["cuda device"] = "none"
-    rows["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "(unset)")
-    for var in ("PLORA_BACKEND", "PLORA_LINEAR_KERNEL", "PLORA_UNLOAD_KERNEL"):
-        rows[var] = os.environ.get(var, "(unset)")
+    from . import _backend
+
+    rows["supported triton"] = (f"{'.'.join(map(str, _backend.TRITON_OLDEST))} to "
+                                f"{'.'.join(map(str, _backend.TRITON_NEWEST))}")
+    rows.update(_backend.settings())  # every variable the package reads, as it reads it
     rows.update(_backend_lines())
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for device in devices:  # what the resolver refuses there, and why
+        for key, why in _backend.refusals(device).items():
+            rows[f"not on {device}: {key}"] = why
     rows["nvcc"] = _nvcc()
     return rows
 

@@ -191,3 +191,18 @@ def test_implementation_blocks_exited_out_of_order_leave_nothing(clean_env):
     assert _backend._requested("lora_linear") == ("torch", "code")  # the inner block is still active
     inner.__exit__(None, None, None)
     assert _backend._requested("lora_linear") == (None, "default") and _backend._requested("unload")[0] is None
+
+
+def test_plora_info_shows_every_setting_as_read_and_every_refusal(clean_env):
+    """TRITON_INTERPRET=false is off for Triton, so for us too: CPU tensors run torch, and Triton is listed as not
+    runnable on the CPU with the reason; an odd PLORA_AUTOTUNE is shown refused, not silently taken as on."""
+    pytest.importorskip("triton")
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "false", "PLORA_AUTOTUNE": "banana"}
+    env.pop("PLORA_BACKEND", None)
+    out = subprocess.run([sys.executable, "-m", "plora_kernels.cli", "info"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "'false' -> off" in text and "'banana' -> refused" in text and "supported triton" in text
+    assert "lora_linear on CPU tensors" in text and "torch (default)" in text
+    assert "not on cpu: lora_linear: triton " in text and "TRITON_INTERPRET=1" in text
