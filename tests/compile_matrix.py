@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,10 +24,39 @@ def python_for(which: str) -> str | None:
     return sys.executable if which == "newest" else os.environ.get(OLDEST_ENV) or None
 
 
+class _Started:
+    """A run started before this session (``.ci/run`` starts the oldest Triton's while the test venv installs):
+    ``PLORA_<WHICH>_MATRIX_DIR`` names its folder, where it leaves ``matrix.json``, ``log.txt`` and, once it has
+    ended, ``exit`` (its status). It is waited for, not restarted."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.returncode = folder, None
+
+    def poll(self):
+        done = self.folder / "exit"
+        if self.returncode is None and done.exists() and done.read_text().strip():
+            self.returncode = int(done.read_text())
+        return self.returncode
+
+    def wait(self, timeout: float):
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"the compile matrix in {self.folder}", timeout)
+            time.sleep(1)
+
+    def kill(self):
+        pass  # not ours to stop
+
+
 def start(which: str, jobs: int = 1) -> None:
     """Start the matrix run for ``which`` ("newest" or "oldest") unless it runs already or has no python."""
     python = python_for(which)
     if which in _runs or python is None:
+        return
+    started = os.environ.get(f"PLORA_{which.upper()}_MATRIX_DIR")
+    if started:
+        _runs[which] = (_Started(Path(started)), Path(started), open(os.devnull, "w"))
         return
     out = Path(tempfile.mkdtemp(prefix=f"plora-matrix-{which}-"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter replaces the compiler
@@ -47,7 +77,8 @@ def result(which: str, timeout: float = 1800) -> dict:
     log.flush()
     path = out / "matrix.json"
     if not path.exists():
-        tail = (out / "log.txt").read_text()[-4000:]
+        log_file = out / "log.txt"
+        tail = log_file.read_text()[-4000:] if log_file.exists() else "(no log)"
         raise RuntimeError(f"the compile matrix under {python_for(which)} wrote no record (exit {proc.returncode})"
                            f":\n{tail}")
     return json.loads(path.read_text())

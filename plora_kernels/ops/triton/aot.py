@@ -73,11 +73,12 @@ _PTX_ST128 = re.compile(r"\bst\.global[.\w]*?(?:" + _PTX_VECTOR + r")\b")
 def ptx_facts(kernel) -> dict:
     """What the PTX and ptxas's log show, without disassembling the cubin (which costs ~0.35 s a kernel):
     ``ptx_ld128``/``ptx_st128`` 16-byte global loads and stores (ptxas keeps a vector access whole),
-    ``ptx_mma``/``ptx_wgmma`` tensor-core instructions, and from ptxas's log ``spill_store_bytes``,
+    ``ptx_mma``/``ptx_wgmma`` tensor-core instructions, ``ptx_atomics`` (atom./red.), and from ptxas's log ``spill_store_bytes``,
     ``spill_load_bytes`` and ``stack_frame_bytes`` (None when the kernel came from a cache and ptxas did not run)."""
     ptx = kernel.asm["ptx"]
     out = {"ptx_ld128": len(_PTX_LD128.findall(ptx)), "ptx_st128": len(_PTX_ST128.findall(ptx)),
-           "ptx_mma": ptx.count("mma.sync"), "ptx_wgmma": ptx.count("wgmma.mma_async")}
+           "ptx_mma": ptx.count("mma.sync"), "ptx_wgmma": ptx.count("wgmma.mma_async"),
+           "ptx_atomics": len(re.findall(r"\b(?:atom|red)\.", ptx))}
     hit = _PTXAS_SPILLS.search(getattr(kernel, "ptxas_log", "") or "")
     stack, stores, loads = (int(g) for g in hit.groups()) if hit else (None, None, None)
     out.update(stack_frame_bytes=stack, spill_store_bytes=stores, spill_load_bytes=loads)
