@@ -73,8 +73,9 @@ _PTX_ST128 = re.compile(r"\bst\.global[.\w]*?(?:" + _PTX_VECTOR + r")\b")
 def ptx_facts(kernel) -> dict:
     """What the PTX and ptxas's log show, without disassembling the cubin (which costs ~0.35 s a kernel):
     ``ptx_ld128``/``ptx_st128`` 16-byte global loads and stores (ptxas keeps a vector access whole),
-    ``ptx_mma``/``ptx_wgmma`` tensor-core instructions, ``ptx_atomics`` (atom./red.), and from ptxas's log ``spill_store_bytes``,
-    ``spill_load_bytes`` and ``stack_frame_bytes`` (None when the kernel came from a cache and ptxas did not run)."""
+    ``ptx_mma``/``ptx_wgmma`` tensor-core instructions, ``ptx_atomics`` (atom./red.), and from ptxas's log
+    ``spill_store_bytes``, ``spill_load_bytes`` and ``stack_frame_bytes`` (None when the kernel came from a cache
+    and ptxas did not run)."""
     ptx = kernel.asm["ptx"]
     out = {"ptx_ld128": len(_PTX_LD128.findall(ptx)), "ptx_st128": len(_PTX_ST128.findall(ptx)),
            "ptx_mma": ptx.count("mma.sync"), "ptx_wgmma": ptx.count("wgmma.mma_async"),
