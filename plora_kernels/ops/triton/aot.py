@@ -73,13 +73,17 @@ _PTX_ST128 = re.compile(r"\bst\.global[.\w]*?(?:" + _PTX_VECTOR + r")\b")
 def ptx_facts(kernel) -> dict:
     """What the PTX and ptxas's log show, without disassembling the cubin (which costs ~0.35 s a kernel):
     ``ptx_ld128``/``ptx_st128`` 16-byte global loads and stores (ptxas keeps a vector access whole),
-    ``ptx_mma``/``ptx_wgmma`` tensor-core instructions, ``ptx_atomics`` (atom./red.), and from ptxas's log
+    ``ptx_mma``/``ptx_wgmma`` tensor-core instructions, ``ptx_atomics`` (atom./red.), ``ptx_tma_loads``/
+    ``ptx_tma_stores`` (bulk tensor copies into and out of shared memory), and from ptxas's log
     ``spill_store_bytes``, ``spill_load_bytes`` and ``stack_frame_bytes`` (None when the kernel came from a cache
     and ptxas did not run)."""
     ptx = kernel.asm["ptx"]
     out = {"ptx_ld128": len(_PTX_LD128.findall(ptx)), "ptx_st128": len(_PTX_ST128.findall(ptx)),
            "ptx_mma": ptx.count("mma.sync"), "ptx_wgmma": ptx.count("wgmma.mma_async"),
-           "ptx_atomics": len(re.findall(r"\b(?:atom|red)\.", ptx))}
+           "ptx_atomics": len(re.findall(r"\b(?:atom|red)\.", ptx)),
+           # TMA: a bulk tensor copy into shared memory is a load, one out of it a store
+           "ptx_tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\w+\.shared", ptx)),
+           "ptx_tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\w+\.global", ptx))}
     hit = _PTXAS_SPILLS.search(getattr(kernel, "ptxas_log", "") or "")
     stack, stores, loads = (int(g) for g in hit.groups()) if hit else (None, None, None)
     out.update(stack_frame_bytes=stack, spill_store_bytes=stores, spill_load_bytes=loads)
@@ -241,14 +245,14 @@ def i64_offsets(kernel) -> bool:
 _SETMAXNREG = re.compile(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+);")
 
 
-def lora_matmul_ws_resources(**kw) -> dict:
+def lora_matmul_ws_resources(*, sass: bool = True, **kw) -> dict:
     """:func:`resources` of :func:`compile_lora_matmul_ws` plus what shows the warp specialisation took place:
     ``warp_specialized`` (a ``ttg.warp_specialize`` op in the TTGIR), ``warpgroups`` (the launch's warps / 4:
     the producer and the consumers), the ``setmaxnreg_inc``/``setmaxnreg_dec`` register counts in the PTX (the
     consumers' raise, the producer's drop), ``tma_stores`` (UTMASTG) and ``wgmma_waits`` (WARPGROUP.DEPBAR: a
     wait for all wgmma in flight, once per K step in Triton 3.9's Hopper specialisation)."""
     kernel = compile_lora_matmul_ws(**kw)
-    out = resources(kernel)
+    out = resources(kernel, sass=sass)
     hits = _SETMAXNREG.findall(kernel.asm["ptx"])
     out.update({
         "warp_specialized": "ttg.warp_specialize(" in kernel.asm["ttgir"],
@@ -257,7 +261,7 @@ def lora_matmul_ws_resources(**kw) -> dict:
         "setmaxnreg_dec": sorted({int(n) for kind, n in hits if kind == "dec"}),
     })
     tool = _cuobjdump()
-    if tool is not None:
+    if tool is not None and sass:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.cubin")
             with open(path, "wb") as fh:

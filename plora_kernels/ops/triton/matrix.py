@@ -172,7 +172,7 @@ def specs(archs) -> list[dict]:
     return out
 
 
-SASS_ARCHS = (90,)  # where the SASS is read too (budgets, atomics, TMA/wgmma): disassembly costs ~0.35 s a kernel
+SASS_ARCHS = (90,)  # where the SASS is read too by default (the merge's budgets): disassembly costs ~0.35 s a kernel
 
 
 def compile_one(spec: dict) -> dict:
@@ -180,7 +180,7 @@ def compile_one(spec: dict) -> dict:
     from . import aot
 
     kw, arch = dict(spec["kw"]), spec["arch"]
-    sass = arch in SASS_ARCHS
+    sass = spec.get("sass", arch in SASS_ARCHS)
     t0 = time.perf_counter()
     try:
         kind = spec["kernel"]
@@ -195,7 +195,7 @@ def compile_one(spec: dict) -> dict:
         elif kind == "tma":
             got = aot.resources(aot.compile_lora_matmul_tma(**kw, arch=arch), sass=sass)
         elif kind == "ws":
-            got = aot.lora_matmul_ws_resources(**kw, arch=arch)
+            got = aot.lora_matmul_ws_resources(**kw, arch=arch, sass=sass)
         else:
             got = aot.resources(aot.compile_lora_dy_pass(**kw, arch=arch), sass=sass)
         out = {k: v for k, v in got.items() if k not in ("meta", "inner_loops")}
@@ -221,9 +221,11 @@ def violations(spec: dict, got: dict) -> list[str]:
     if got.get("spill_store_bytes") is not None:  # ptxas's own count, in bytes
         spilled = got["spill_store_bytes"] + got["spill_load_bytes"]
         what = f"{got['spill_store_bytes']} B stored, {got['spill_load_bytes']} B loaded"
-    else:  # a cached kernel (no ptxas log): the STL/LDL instructions of the SASS
-        spilled = (got.get("spill_stores") or 0) + (got.get("spill_loads") or 0)
-        what = f"{got.get('spill_stores')} STL, {got.get('spill_loads')} LDL"
+    elif got.get("spill_stores") is not None:  # a cached kernel (no ptxas log): the SASS's STL/LDL instructions
+        spilled = got["spill_stores"] + got["spill_loads"]
+        what = f"{got['spill_stores']} STL, {got['spill_loads']} LDL"
+    else:
+        return out + ["no spill count: ptxas did not run (a cached kernel) and the SASS was not read"]
     if spilled > SPILL_BUDGET:
         out.append(f"spills: {what}")
     for what, least in spec.get("vectors", {}).items():
@@ -236,9 +238,12 @@ def violations(spec: dict, got: dict) -> list[str]:
     return out
 
 
-def run(archs, jobs: int = 2, progress=None) -> list[dict]:
-    """Compile every variant for ``archs`` in ``jobs`` processes; each spec gets ``result`` and ``violations``."""
+def run(archs, jobs: int = 2, progress=None, sass_archs=SASS_ARCHS) -> list[dict]:
+    """Compile every variant for ``archs`` in ``jobs`` processes (reading the SASS too on ``sass_archs``); each
+    spec gets ``result`` and ``violations``."""
     todo = specs(archs)
+    for spec in todo:
+        spec["sass"] = spec["arch"] in sass_archs
     with ProcessPoolExecutor(jobs) as pool:
         for i, (spec, got) in enumerate(zip(todo, pool.map(compile_one, todo, chunksize=4))):
             spec["result"] = got
@@ -259,6 +264,9 @@ def main(argv=None) -> int:
                         help="comma-separated architectures, e.g. 80,89,90,100 (the default)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--json", default=None, help="write every variant's result here")
+    parser.add_argument("--sass-archs", default=",".join(map(str, SASS_ARCHS)),
+                        help="where to disassemble the cubin too (instruction budgets; ~0.35 s a kernel): "
+                             "comma-separated architectures, or 'none' (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         archs = [int(a) for a in args.arch.split(",")]
@@ -266,6 +274,10 @@ def main(argv=None) -> int:
         parser.error(f"--arch takes comma-separated integers such as 80,90, got {args.arch!r}")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    try:
+        sass_archs = () if args.sass_archs in ("", "none") else tuple(int(a) for a in args.sass_archs.split(","))
+    except ValueError:
+        parser.error(f"--sass-archs takes comma-separated integers or 'none', got {args.sass_archs!r}")
     import triton
 
     t0 = time.time()
@@ -274,7 +286,7 @@ def main(argv=None) -> int:
         if i % 25 == 0 or i == n:
             print(f"  {i}/{n} compiled ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    done = run(archs, args.jobs, progress)
+    done = run(archs, args.jobs, progress, sass_archs)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"triton": triton.__version__, "archs": archs, "seconds": round(time.time() - t0, 1),
