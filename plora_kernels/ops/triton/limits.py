@@ -18,6 +18,9 @@ SHARED_PER_BLOCK = {
     90: 232_448, 100: 232_448, 103: 232_448,  # H100/H200, B200/GB200, B300
 }
 SMALLEST_SHARED = min(SHARED_PER_BLOCK.values())
+# the data-centre GPUs with wgmma/tcgen05 and 227 KiB per block, where Hopper-sized tiles pay; every other
+# architecture (sm_8x, and sm_120's consumer Blackwell) takes the Ampere-sized tiles
+BIG_TILE_ARCHS = (90, 100, 103)
 # the architectures the compile matrix builds for: the oldest supported (A100), the tightest shared memory
 # (sm_89), Hopper and Blackwell
 MATRIX_ARCHS = (80, 89, 90, 100)

@@ -19,7 +19,7 @@ import triton.language as tl
 from ..._backend import autotuning, interpreting
 from .. import streams
 from . import limits
-from .tiles import dot_options, dropout_keep, grouped_tile, low_rank_seed, on_device, tile_config, tile_shape
+from .tiles import dot_options, dropout_keep, grouped_tile, keep_tiles, low_rank_seed, on_device, tile_config
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) per operand width and architecture, best first: big tiles for the
 # wide products (y, dx), skinny-N tiles for the N = r products (x A^T) where big ones would leave the grid small.
@@ -28,8 +28,8 @@ from .tiles import dot_options, dropout_keep, grouped_tile, low_rank_seed, on_de
 # registers) on sm_90 and sm_100 too; an fp32 dot (IEEE unless TF32 is allowed) spills in most tiles over 32x32.
 HOPPER_16 = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (64, 32, 128, 4, 4), (64, 16, 256, 3, 4)]
 AMPERE_16 = [(128, 128, 64, 3, 8), (128, 128, 32, 3, 8), (64, 64, 64, 4, 4), (64, 16, 256, 3, 4)]
-# when a dropout mask is applied; the last only below sm_90 (it spills on sm_100), where the 99 KiB of sm_89
-# leave nothing larger
+# when a dropout mask is applied; the last only off the big-tile GPUs (it spills on sm_100), where the 99 KiB of
+# sm_89 leave nothing larger
 DROPOUT_16 = [(128, 128, 64, 3, 8), (64, 16, 256, 3, 4)]
 DROPOUT_16_AMPERE = DROPOUT_16 + [(64, 64, 64, 4, 4)]
 FP32 = [(32, 32, 32, 2, 4), (32, 16, 64, 2, 4)]
@@ -47,7 +47,7 @@ def gemm_configs(arch: int, dtype: torch.dtype, *, dropout: bool = False, block_
     if dtype == torch.float32:
         family = FP32
     else:
-        hopper = arch >= 90
+        hopper = arch in limits.BIG_TILE_ARCHS
         family = (DROPOUT_16 if hopper else DROPOUT_16_AMPERE) if dropout else HOPPER_16 if hopper else AMPERE_16
     ok = [c for c in family if limits.fits(limits.gemm_shared(*c[:4], dtype.itemsize, block_r), arch, limit)]
     return ok if tuning else ok[:1]
@@ -65,10 +65,7 @@ def prune(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
     allowed = gemm_configs(limits.arch_of(a.device), a.dtype, dropout=kwargs["DROP"] != 0,
                            block_r=kwargs["BLOCK_R"], tuning=autotuning(), limit=limits.device_shared(a.device))
-    kept = [c for c in configs if tile_shape(c) in allowed]
-    if not kept:
-        raise RuntimeError(f"lora_matmul: no tile fits {a.device} for {a.dtype} operands")
-    return kept
+    return keep_tiles(configs, allowed, "lora_matmul", a)
 
 
 @triton.autotune(configs=_all_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA", "DROP", "BLOCK_R"],

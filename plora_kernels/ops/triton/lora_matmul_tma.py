@@ -21,7 +21,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import autotuning, interpreting
 from . import limits
-from .tiles import dot_options, grouped_tile, low_rank_seed, num_sms, tile_config, tile_shape
+from .tiles import dot_options, grouped_tile, keep_tiles, low_rank_seed, num_sms, tile_config
 
 
 def _set_block_shapes(nargs):
@@ -66,10 +66,7 @@ def prune(configs, named_args, **kwargs):
     c = named_args["c_desc"].base
     allowed = tma_configs(limits.arch_of(c.device), c.dtype, block_r=kwargs["BLOCK_R"], tuning=autotuning(),
                           limit=limits.device_shared(c.device))
-    kept = [cfg for cfg in configs if tile_shape(cfg) in allowed]
-    if not kept:
-        raise RuntimeError(f"lora_matmul_tma: no tile fits {c.device} for {c.dtype} operands")
-    return kept
+    return keep_tiles(configs, allowed, "lora_matmul_tma", c)
 
 
 @triton.autotune(configs=_all_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_LORA", "B_NK", "BLOCK_R"],

@@ -54,6 +54,15 @@ def tile_shape(config: triton.Config) -> tuple[int, int, int, int, int]:
     return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_stages, config.num_warps
 
 
+def keep_tiles(configs: list, allowed: list, kernel: str, t: torch.Tensor) -> list:
+    """Autotune's early pruning: the configs whose tile is among ``allowed`` (what the launch's device holds);
+    an error naming the kernel if none is."""
+    kept = [c for c in configs if tile_shape(c) in allowed]
+    if not kept:
+        raise RuntimeError(f"{kernel}: no tile fits {t.device} for {t.dtype} operands")
+    return kept
+
+
 @triton.jit
 def grouped_tile(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of tile number ``tile`` in grouped order: GROUP_M row panels share each column panel of
