@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
-# One device-machine call: environment, the test suite compiled on the GPU, then benchmarks.
+# One device-machine call: environment, the self-test, the test suite compiled on the GPU, then benchmarks.
 # Usage (on the GPU machine, repo root):
-#   bash benchmarks/gpu_session.sh [tests] [quick|linear|unload|full] [train] [train_dropout] [nccl]
-#   tests  the test suite on the GPU (CPU-only files are left to CI)
+#   bash benchmarks/gpu_session.sh [check] [tests|tests:GROUP] [quick|linear|unload|full] [train] [train_dropout]
+#        [nccl]
+#   (no argument: `check quick`)
+#   check  `plora check --device cuda --out $OUT` (limit $CHECK_TIMEOUT, default 150 s): every op on every
+#          implementation this GPU runs, against the float64 reference, as a table and a JSON record
+#          (check-cuda<N>-<time>.json); it builds the CUDA twin into $PLORA_CSRC_CACHE on the way. `quick` runs it
+#          first when the call has not run it yet. $CHECK_ARGS adds flags, e.g. "--quick"; $CHECK_DEVICE replaces
+#          the device (cpu runs the script end to end on a machine without a GPU).
+#   tests  the test suite on the GPU (CPU-only files are left to CI): first the CUDA twin (csrc/) is built once
+#          into $PLORA_CSRC_CACHE (limit $CSRC_TIMEOUT, default 120 s), then one pytest call per group of test files
+#          (kernels, unload, api; any test file in no group and not CPU-only runs in a last group, other), each with
+#          its own limit ($TEST_TIMEOUT_<GROUP>, defaults below), `-p xdist -n $TEST_WORKERS` (default 4)
+#          `--dist loadgroup`, `--timeout $TEST_TIMEOUT_EACH` per test (default 90 s) and a `--session-timeout` 40 s
+#          under the group's limit, so every group ends with pytest's own summary (-ra: each failure, error and
+#          skip with its reason) even when it runs out of time; its log is $OUT/tests_<group>.log, written as it
+#          runs. $TEST_ARGS adds flags to every group.
+#   tests:GROUP  one group alone (tests:kernels, tests:unload, tests:api, tests:other), after the build: the groups
+#          add up to more than one call's budget, so a second call can run the ones the first had to skip
 #   quick  the target shapes: `bench linear --quick --pieces` (M=8192, 4096->4096, r=16, bf16 x/W with fp32 and
 #          with bf16 adapters: the cuBLAS floor, PEFT, every resolver implementation of lora_linear and the default,
 #          and the kernels' parts, the backward's dy pass among them; limit $LINEAR_QUICK_TIMEOUT, default 180 s;
@@ -21,7 +37,8 @@
 #   train  bench train (1b). Run before quick/full in the same call (`train quick`), bench unload reports the
 #          whole-model unload as a share of its step; otherwise benchmarks/make_report.py joins them later.
 #   nccl   the DDP example on NCCL, world size 1 (one GPU): unloads and the replica check on the real backend
-# The device tool allows 600 s per call and the step limits add up to more: run `quick nccl`, then `tests train`.
+# The device tool allows 600 s per call and the step limits add up to more: run `check quick nccl`, then `tests`
+# (then `tests:api` if the first `tests` call had to skip it), then `train`.
 #
 # Results reach $OUT (the device tool's return folder; ./gpu_out by default) as they exist: each step's log is
 # written there while it runs, and the benches write their JSON there (bench linear and bench unload after every
@@ -35,6 +52,10 @@ set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PLORA="python3 -m plora_kernels.cli"
+# the CUDA twin's build cache (ops/cuda_unload.py reads $PLORA_CSRC_CACHE): built once per call, by the check or by
+# the tests step, and found there by every later process (the check, each pytest worker); build/ is git-ignored, so
+# the device machine keeps it between calls
+export PLORA_CSRC_CACHE=${PLORA_CSRC_CACHE:-$PWD/build/plora_csrc}
 START=$(date +%s)
 BUDGET=${BUDGET:-570}
 STEPS="$OUT/steps.txt"
@@ -71,7 +92,11 @@ step() {
     0) status=ok ;;
     124) status="TIMED OUT at ${limit} s (stopped with SIGINT; what it wrote is in \$OUT)" ;;
     137) status="KILLED 30 s after its ${limit} s limit" ;;
-    *) status="FAILED (exit $rc)" ;;
+    *) status="FAILED (exit $rc)"
+       if grep -q "session-timeout: .* exceeded" "$OUT/$name.log"; then  # pytest stopped itself, summary printed
+         status="STOPPED by --session-timeout, the rest not run (exit $rc): $(grep -E " in [0-9.]+s" \
+           "$OUT/$name.log" | tail -1 | tr -d '=')"
+       fi ;;
   esac
   (( rc != 0 )) && FAILED=1
   echo "$name: $status, $(( $(date +%s) - t0 )) s, log $name.log" | tee -a "$STEPS"
@@ -81,19 +106,96 @@ unload_quick() {
   step bench_unload_quick "${UNLOAD_TIMEOUT:-200}" 75 $PLORA bench unload --quick --out "$OUT" ${UNLOAD_ARGS:-}
 }
 
+CHECKED=0
+check() {  # plora check, once per call
+  (( CHECKED )) && return
+  CHECKED=1
+  step check "${CHECK_TIMEOUT:-150}" 40 $PLORA check --device "${CHECK_DEVICE:-cuda}" --out "$OUT" \
+    ${CHECK_ARGS:-}
+}
+
+BUILT=0
+csrc_build() {  # the CUDA twin, once per call, before any pytest process can race to compile it
+  (( BUILT )) && return
+  BUILT=1
+  step csrc_build "${CSRC_TIMEOUT:-120}" 5 python3 -c "
+from plora_kernels.ops import cuda_unload
+if cuda_unload.available():
+    print('csrc library:', cuda_unload.build(verbose=True))
+else:
+    print('no nvcc and no prebuilt library: the CUDA twin is not built (its tests skip)')"
+}
+
+# The test files by group. CPU-only files (the demo, gloo and torchrun runs, the sm_90 cross-compile, the bench smoke
+# tests, the study, transformers) are left to CI; a test file in no group and not CPU-only lands in `other`.
+TEST_GROUPS="kernels unload api other"
+CPU_ONLY="test_demo.py test_example_ddp.py test_distributed.py test_integration_ddp.py test_kernels_compile.py
+  test_bench_smoke.py test_bench_train.py test_integration_transformers.py test_study.py"
+GROUP_kernels="test_lora_linear.py test_lora_dy_pass.py test_lora_dropout.py test_lora_matmul_tma.py
+  test_lora_matmul_ws.py test_lora_matmul_offsets.py"
+GROUP_unload="test_unload.py test_unload_many.py test_csrc_unload.py test_device_guard.py test_formats.py"
+GROUP_api="test_bad_input.py test_resolver.py test_modules.py test_train.py test_pipelines_rounding.py
+  test_pipelines_steps.py test_auto_every.py test_imports.py test_check.py"
+LIMIT_kernels=${TEST_TIMEOUT_KERNELS:-180}
+LIMIT_unload=${TEST_TIMEOUT_UNLOAD:-150}
+LIMIT_api=${TEST_TIMEOUT_API:-150}
+LIMIT_other=${TEST_TIMEOUT_OTHER:-90}
+
+group_files() {  # the test files of group $1, as paths
+  local group=$1 f name listed
+  if [[ $group == other ]]; then
+    listed=" $CPU_ONLY $GROUP_kernels $GROUP_unload $GROUP_api "
+    listed=${listed//$'\n'/ }
+    for f in tests/test_*.py; do
+      name=${f#tests/}
+      [[ $listed == *" $name "* ]] || echo "$f"
+    done
+    return
+  fi
+  local var="GROUP_$group"
+  for name in ${!var}; do echo "tests/$name"; done
+}
+
+# test_group GROUP: one pytest call over the group's files, ending with its summary inside the group's limit
+test_group() {
+  local group=$1 var="LIMIT_$1"
+  local limit=${!var} files
+  files=$(group_files "$group")
+  if [[ -z $files ]]; then
+    echo "== tests_$group: no test files"
+    return
+  fi
+  local left=$(( BUDGET - ($(date +%s) - START) - 15 ))
+  (( limit > left )) && limit=$left
+  # pytest stops starting tests 40 s before the limit (worker shutdown and the summary fit in the rest); a test
+  # still running then is stopped by --timeout, and the step's SIGINT at the limit is the last resort
+  local session=$(( limit - 40 ))
+  (( session < 20 )) && session=20
+  step "tests_$group" "$limit" 0 python3 -m pytest -p xdist -p timeout -n "${TEST_WORKERS:-4}" --dist loadgroup \
+    -q -ra --tb=short -p no:cacheprovider --durations=5 --timeout "${TEST_TIMEOUT_EACH:-90}" \
+    --session-timeout "$session" ${TEST_ARGS:-} $files
+  grep -E "^(FAILED|ERROR)|passed|failed|no tests ran|Timeout|session-timeout|KeyboardInterrupt" \
+    "$OUT/tests_$group.log" | tail -40
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
+(( $# )) || set -- check quick
 for stage in "$@"; do
   t0=$(date +%s)
   case $stage in
-    # CPU-only files (demo, gloo, example, sm_90 cross-compile, bench smoke) are left to CI
-    tests) step gpu_tests "${TEST_TIMEOUT:-420}" 0 python3 -m pytest -q -n 14 -p no:cacheprovider --timeout 60 \
-             --tb=short -rfE --durations=10 --ignore=tests/test_demo.py --ignore=tests/test_example_ddp.py \
-             --ignore=tests/test_distributed.py --ignore=tests/test_kernels_compile.py \
-             --ignore=tests/test_bench_smoke.py --ignore=tests/test_bench_train.py \
-             --ignore=tests/test_integration_transformers.py ${TEST_ARGS:-} tests
-           grep -E "^(FAILED|ERROR)|passed|failed|Timeout|KeyboardInterrupt" "$OUT/gpu_tests.log" | tail -40 ;;
-    quick) step bench_linear_quick "${LINEAR_QUICK_TIMEOUT:-180}" 40 $PLORA bench linear --quick --pieces --out "$OUT" \
+    check) check ;;
+    tests) csrc_build
+           for group in $TEST_GROUPS; do test_group "$group"; done ;;
+    tests:*) group=${stage#tests:}
+           if [[ " $TEST_GROUPS " == *" $group "* ]]; then
+             csrc_build
+             test_group "$group"
+           else
+             echo "unknown test group $group (one of: $TEST_GROUPS)" | tee -a "$STEPS"; FAILED=1
+           fi ;;
+    quick) check
+           step bench_linear_quick "${LINEAR_QUICK_TIMEOUT:-180}" 40 $PLORA bench linear --quick --pieces --out "$OUT" \
              ${LINEAR_ARGS:-}
            unload_quick ;;
     linear) step bench_linear "${LINEAR_TIMEOUT:-540}" 60 $PLORA bench linear --out "$OUT" ${LINEAR_ARGS:-} ;;

@@ -1,4 +1,5 @@
-"""The ``plora`` command line: ``plora demo``, ``plora info`` and ``plora bench {linear,unload,train}``."""
+"""The ``plora`` command line: ``plora demo``, ``plora study``, ``plora info``, ``plora check`` and
+``plora bench {linear,unload,train}``."""
 from __future__ import annotations
 
 import argparse
@@ -103,6 +104,13 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from . import check
+
+    # a bad flag: usage and "plora check: error: argument --flag: ...", exit status 2; a failed cell: exit status 1
+    return check.run_from_args(args, args.parser)
+
+
 def _cmd_bench(args) -> int:
     module_name = f"plora_kernels.bench.{args.name}"
     try:
@@ -127,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import demo
 
     parser = argparse.ArgumentParser(prog="plora", description="PeriodicLoRA kernels: demo, benchmarks, environment")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,study,info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,study,info,check,bench}")
     sub.required = True
 
     p_demo = sub.add_parser("demo", help="LoRA vs PLoRA vs full FT on a high-rank task (CPU, about 2 min)",
@@ -142,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_info = sub.add_parser("info", help="versions, devices and which backend the ops use")
     p_info.set_defaults(func=_cmd_info)
+
+    from . import check
+
+    p_check = sub.add_parser("check", help="self-test of a machine: every op and implementation that runs here "
+                                           "against the float64 reference (a table, a JSON record, exit status 1 "
+                                           "on a failure)", description=check.__doc__.split("\n")[0])
+    check.add_arguments(p_check)
+    p_check.set_defaults(func=_cmd_check, parser=p_check)
 
     p_bench = sub.add_parser("bench", help="run a benchmark: linear, unload or train (arguments are forwarded)",
                              description="Run plora_kernels.bench.<name>.main(args); every argument after the "
