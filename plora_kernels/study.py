@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .train.unloader import AUTO_MAX_STAGES, AUTO_MIN_STAGE, AUTO_MIN_STAGES, auto_every
+from .train.unloader import AUTO_MAX_STAGES, AUTO_MIN_STAGE, AUTO_MIN_STAGES, OPTIMIZER_RESETS, auto_every
 
 # ------------------------------------------------------------------------------------------------ settings
 # The byte-level Llama of the real-text tasks: the demo's architecture (demo.MODEL_CONFIG) with a longer context.
@@ -899,53 +899,265 @@ def rebuild_report(json_path: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+# Every flag is checked before any work: a bad value is refused by argparse itself (``type=`` functions below,
+# "plora study: error: argument --steps: ...", exit status 2), and what needs more than one flag or the file
+# system (--out, a variant's rank_mult against the ranks) by :func:`check_args`, reported the same way by
+# :func:`main`. ``plora demo`` and ``plora bench`` answer bad flags alike.
+class FlagError(ValueError):
+    """A bad ``plora study`` flag found after parsing: ``flag`` is the flag (``--out``), ``detail`` the reason."""
+
+    def __init__(self, flag: str, detail: str):
+        super().__init__(f"argument {flag}: {detail}")
+        self.flag, self.detail = flag, detail
+
+
+def _argparse_type(parse):
+    """An argparse ``type=`` function from a parser that raises ValueError: argparse reports its message."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__.lstrip("_")  # argparse names the type in some messages
+    return convert
+
+
+def _int_of(text: str, what: str, minimum: int) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{what + ' ' if what else ''}must be an integer >= {minimum}, got {str(text).strip()!r}")
+    return value
+
+
+def _items(text: str, what: str) -> list[str]:
+    """The comma-separated items of ``text`` (stripped): at least one, none empty, no repeats."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not str(text).strip() or any(not t for t in items):
+        raise ValueError(f"must be a comma-separated list of {what}, got {text!r}")
+    repeated = sorted({t for t in items if items.count(t) > 1})
+    if repeated:
+        raise ValueError(f"lists {', '.join(repeated)} more than once: {text!r}")
+    return items
+
+
+def _positive_count(text: str) -> int:
+    return _int_of(text, "", 1)
+
+
+def _seed_list(text: str) -> tuple:
+    return tuple(_int_of(s, "a seed", 0) for s in _items(text, "seeds (integers >= 0)"))
+
+
+def _rank_list(text: str) -> tuple:
+    return tuple(_int_of(r, "a rank", 1) for r in _items(text, "ranks (integers >= 1)"))
+
+
+def _task_list(text: str) -> tuple:
+    tasks = tuple(_items(text, f"tasks (known: {', '.join(TASKS)})"))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
+    return tasks
+
+
+def _steps_map(text: str) -> dict:
+    out = {}
+    for item in _items(text, "TASK=STEPS items (e.g. demo=200,pycode=60)"):
+        task, eq, steps = item.partition("=")
+        task = task.strip()
+        if not eq:
+            raise ValueError(f"{item!r} is not TASK=STEPS (e.g. demo=200,pycode=60)")
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} in {item!r}; known: {', '.join(TASKS)}")
+        if task in out:
+            raise ValueError(f"task {task!r} is given twice")
+        out[task] = _int_of(steps, f"the steps of {task!r}", 1)
+    return out
+
+
+def _variant_value(key: str, val: str):
+    """A --variant value, checked as the run will use it (ValueError naming the key otherwise)."""
+    val = val.strip()
+    if key in ("optimizer_reset", "a_init"):
+        allowed = OPTIMIZER_RESETS if key == "optimizer_reset" else A_INITS
+        if val not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {val!r}")
+        return val
+    if key == "every":
+        if val in ("auto", "never"):
+            return val
+        try:
+            every = float(val) if "." in val else int(val)
+        except ValueError:
+            every = None
+        if every is None or isinstance(every, float) and not 0.0 < every <= 1.0 or isinstance(every, int) and every < 0:
+            raise ValueError(f"every must be an int >= 1 (steps), a fraction in (0, 1] of the run, 0, 'auto' or "
+                             f"'never', got {val!r}")
+        return every
+    if key in ("restart_warmup", "steps"):
+        return _int_of(val, key, 0 if key == "restart_warmup" else 1)
+    try:
+        number = float(val)
+    except ValueError:
+        number = math.nan
+    if key == "momentum" and not (math.isfinite(number) and 0.0 <= number < 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1), got {val!r}")
+    if key == "rank_mult" and not (math.isfinite(number) and number > 0.0):
+        raise ValueError(f"rank_mult must be a positive number, got {val!r}")
+    return number
+
+
+RESERVED_NAMES = ("LoRA", "PLoRA", "full FT")  # the main suite's lines (and the LoRA line a variant's steps add)
+
+
+def _parse_variant(text: str) -> Config:
+    """``NAME[:key=value,...]`` as a PLoRA :class:`Config` (unset keys: the recommended settings). ValueError
+    for an empty or reserved name, an unknown or repeated key, or a bad value (naming the key)."""
+    if isinstance(text, Config):
+        return text
+    name, _, body = str(text).partition(":")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"must be NAME:key=value,... with a non-empty NAME, got {text!r}")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"the name {name!r} is taken by a line of the study ({', '.join(RESERVED_NAMES)}); "
+                         "choose another")
+    v = {}
+    for item in (i.strip() for i in body.split(",")):
+        if not item:
+            continue
+        k, eq, val = item.partition("=")
+        k = k.strip()
+        if k not in VARIANT_KEYS:
+            raise ValueError(f"unknown variant key {k!r}; known: {sorted(VARIANT_KEYS)}")
+        if not eq:
+            raise ValueError(f"{item!r} is not key=value")
+        if k in v:
+            raise ValueError(f"variant key {k!r} is given twice")
+        v[k] = _variant_value(k, val)
+    steps = v.pop("steps", None)
+    method = "lora" if v.get("every") == "never" else "plora"
+    return Config(name, method, {**RECOMMENDED_PLORA, **v}, (), group="custom", steps=steps)
+
+
+def _record_file(text: str) -> str:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"{text!r} is not a file (a study-*.json record)")
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"cannot read {text!r} as a JSON record: {exc}") from None
+    if not isinstance(rec, dict) or not {"runs", "configs", "tasks"} <= set(rec):
+        raise ValueError(f"{text!r} is not a plora study record (no runs/configs/tasks)")
+    if not os.access(path.parent, os.W_OK) or not os.access(path, os.W_OK):
+        raise ValueError(f"{text!r} cannot be rewritten (the record's .json/.txt/.png are rewritten in place)")
+    return str(path)
+
+
+def check_out_dir(out) -> Path:
+    """Make the records' folder (with its parents) and check that a file can be written in it; ValueError
+    otherwise. Run before any work: an unwritable folder would otherwise lose every result at the end."""
+    import tempfile
+
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise ValueError(f"must be a directory path, got {out!r}")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{str(path)!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".plora_write_check_"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write records to {str(path)!r}: {exc.strerror or exc}") from None
+    return path
+
+
+def _effective_ranks(args, task: str) -> tuple:
+    """The adapter ranks ``task`` runs at under ``args`` (as :func:`_run_study` sets them)."""
+    if args.ranks and TASKS[task]["kind"] == "text":
+        return tuple(args.ranks)
+    return (2,) if args.smoke else tuple(TASKS[task]["ranks"])
+
+
+def check_args(args) -> argparse.Namespace:
+    """Every flag of ``args`` checked (and parsed, where a caller built the namespace with strings), before any
+    work; returns a parsed copy. Raises :class:`FlagError` (a ValueError naming the flag); :func:`main`
+    reports it as argparse does (exit status 2). Creates the ``--out`` folder."""
+    args = argparse.Namespace(**vars(args))
+    parsers = {"seeds": _seed_list, "tasks": _task_list, "ranks": _rank_list, "steps": _steps_map,
+               "jobs": _positive_count}
+    for key, parse in parsers.items():
+        value = getattr(args, key, None)
+        if isinstance(value, str) or (key == "jobs" and value is not None):
+            try:
+                setattr(args, key, parse(value))
+            except ValueError as exc:
+                raise FlagError("--" + key, str(exc)) from None
+    variants = []
+    for text in getattr(args, "variant", None) or []:
+        try:
+            variants.append(_parse_variant(text))
+        except ValueError as exc:
+            raise FlagError("--variant", str(exc)) from None
+    args.variant = variants
+    names = [c.name for c in variants]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise FlagError("--variant", f"the name {repeated[0]!r} is used by more than one variant")
+    main_tasks = args.tasks or (("demo", "pycode") if args.smoke else DEFAULT_TASKS)
+    for c in variants:
+        mult = c.variant.get("rank_mult", 1)
+        for task in main_tasks:
+            low = [r for r in _effective_ranks(args, task) if int(r * mult) < 1]
+            if low:
+                raise FlagError("--variant", f"{c.name}: rank_mult={mult:g} makes the rank {low[0]} of task "
+                                             f"{task!r} int({low[0]} * {mult:g}) = 0; use a larger rank_mult")
+    if args.suite == "length" and not any(TASKS[t]["kind"] == "text" for t in main_tasks):
+        raise FlagError("--tasks", f"--suite length runs the real-text tasks only, and {','.join(main_tasks)} "
+                                   "has none")
+    if not getattr(args, "rebuild", None):
+        try:
+            check_out_dir(args.out)
+        except ValueError as exc:
+            raise FlagError("--out", str(exc)) from None
+    return args
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--suite", choices=("main", "ablations", "length", "all"), default="main",
                         help="main: LoRA vs PLoRA (recommended settings) vs full FT; ablations: why the legacy "
                              "PLoRA loses (momentum, Adam state, re-warm-up, A, interval, rank, run length); "
                              "length: the run-length lines only; all: main and ablations (default main)")
-    parser.add_argument("--tasks", default=None,
+    parser.add_argument("--tasks", type=_argparse_type(_task_list), default=None,
                         help=f"comma-separated subset of {','.join(TASKS)} (default {','.join(DEFAULT_TASKS)}; "
                              "the ablations use the real-text ones, and the demo's if listed)")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    parser.add_argument("--ranks", default=None, help="ranks of the real-text tasks in the main suite (default 4,8)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="worker processes, one thread each (default min(2, CPUs))")
+    parser.add_argument("--seeds", type=_argparse_type(_seed_list), default="0,1",
+                        help="comma-separated seeds, integers >= 0 (default 0,1)")
+    parser.add_argument("--ranks", type=_argparse_type(_rank_list), default=None,
+                        help="ranks of the real-text tasks in the main suite (default 4,8)")
+    parser.add_argument("--jobs", type=_argparse_type(_positive_count), default=min(2, os.cpu_count() or 1),
+                        help="worker processes (>= 1), one thread each (default min(2, CPUs))")
     parser.add_argument("--tune", choices=("first", "all"), default="first",
                         help="choose the LR on the first seed's validation loss (default) or the mean over seeds")
-    parser.add_argument("--variant", action="append", default=[],
+    parser.add_argument("--variant", type=_argparse_type(_parse_variant), action="append", default=[],
                         help="an extra PLoRA line NAME:key=value,... (keys: every, momentum, optimizer_reset, "
-                             "restart_warmup, a_init, rank_mult; unset keys: the recommended settings); may repeat")
-    parser.add_argument("--steps", default=None, help="override steps per task, e.g. demo=200,pycode=60")
+                             "restart_warmup, a_init, rank_mult, steps; unset keys: the recommended settings); may "
+                             "repeat")
+    parser.add_argument("--steps", type=_argparse_type(_steps_map), default=None,
+                        help="override steps per task, e.g. demo=200,pycode=60")
     parser.add_argument("--smoke", action="store_true", help="a tiny configuration (seconds), for tests")
     parser.add_argument("--out", default="benchmarks/results",
                         help="folder of the records (default benchmarks/results)")
     parser.add_argument("--no-cache", action="store_true", help="rebuild the corpora and the pretrained base")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--rebuild", metavar="JSON", default=None,
+    parser.add_argument("--rebuild", metavar="JSON", type=_argparse_type(_record_file), default=None,
                         help="recompute the summary, table and PNG of a saved record from its runs, no training")
     return parser
-
-
-def _parse_variant(text: str) -> Config:
-    name, _, body = text.partition(":")
-    v = {}
-    for item in filter(None, body.split(",")):
-        k, _, val = item.partition("=")
-        k = k.strip()
-        if k not in VARIANT_KEYS:
-            raise ValueError(f"unknown variant key {k!r}; known: {sorted(VARIANT_KEYS)}")
-        if k in ("optimizer_reset", "a_init"):
-            v[k] = val
-        elif k == "every":
-            v[k] = val if val in ("auto", "never") else (float(val) if "." in val else int(val))
-        elif k in ("restart_warmup", "steps"):
-            v[k] = int(val)
-        else:
-            v[k] = float(val)
-    steps = v.pop("steps", None)
-    method = "lora" if v.get("every") == "never" else "plora"
-    return Config(name.strip(), method, {**RECOMMENDED_PLORA, **v}, (), group="custom", steps=steps)
 
 
 def main(argv=None) -> int:
@@ -954,13 +1166,19 @@ def main(argv=None) -> int:
     if args.rebuild:
         print(rebuild_report(args.rebuild)["table"])
         return 0
+    try:
+        args = check_args(args)
+    except FlagError as exc:  # usage and "plora study: error: argument --flag: ...", exit status 2
+        parser.error(str(exc))
     run_study(args)
     return 0
 
 
 def run_study(args) -> dict:
-    """Run the suite ``args`` asks for (see :func:`add_arguments`); write the records; return them."""
+    """Run the suite ``args`` asks for (see :func:`add_arguments`); write the records; return them. Every flag is
+    checked first (:func:`check_args`: a :class:`FlagError` before any work)."""
     global PRETRAIN, TASKS
+    args = check_args(args)
     saved = PRETRAIN, TASKS
     try:
         return _run_study(args)
@@ -972,15 +1190,7 @@ def _run_study(args) -> dict:
     global PRETRAIN, TASKS
     wall0 = time.perf_counter()
     torch.set_num_threads(1)
-    seeds = tuple(int(s) for s in args.seeds.split(","))
-    tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None
-    for t in tasks or ():
-        if t not in TASKS:
-            raise SystemExit(f"unknown task {t!r}; known: {', '.join(TASKS)}")
-    override = {}
-    for item in filter(None, (args.steps or "").split(",")):
-        k, _, v = item.partition("=")
-        override[k.strip()] = int(v)
+    seeds, tasks, override = tuple(args.seeds), args.tasks, dict(args.steps or {})
     long_steps = (300, 600)
     if args.smoke:
         tasks = tasks or ("demo", "pycode")
@@ -989,7 +1199,7 @@ def _run_study(args) -> dict:
                      "steps": 8} for t, spec in TASKS.items()}
         long_steps = (12,)
     if args.ranks:
-        TASKS = {t: {**spec, "ranks": tuple(int(r) for r in args.ranks.split(","))} if spec["kind"] == "text"
+        TASKS = {t: {**spec, "ranks": tuple(args.ranks)} if spec["kind"] == "text"
                  else spec for t, spec in TASKS.items()}
     main_tasks = tasks or DEFAULT_TASKS
     text_tasks = tuple(t for t in main_tasks if TASKS[t]["kind"] == "text")
@@ -1000,8 +1210,7 @@ def _run_study(args) -> dict:
         configs += ablation_configs(text_tasks, with_demo="demo" in main_tasks, long_steps=long_steps)
     if args.suite == "length":
         configs += length_configs(text_tasks, long_steps)
-    for text in args.variant:
-        c = _parse_variant(text)
+    for c in args.variant:
         configs.append(Config(c.name, c.method, c.variant, main_tasks, group="custom", steps=c.steps,
                               block=f"{c.steps} steps" if c.steps else ""))
         if c.steps and not any(x.name == "LoRA" and x.steps == c.steps for x in configs):
@@ -1012,7 +1221,7 @@ def _run_study(args) -> dict:
     text_used = [t for t in used if TASKS[t]["kind"] == "text"]
     assets = prepare_text_assets(text_used, progress, use_cache=not args.no_cache) if text_used else None
     initial = {t: {s: initial_losses(t, s, assets) for s in seeds} for t in used}
-    records = run_suite(configs, seeds, jobs=max(1, args.jobs), progress=progress, assets=assets,
+    records = run_suite(configs, seeds, jobs=args.jobs, progress=progress, assets=assets,
                         steps_override=override, tune=args.tune)
     summary = summarize(records, initial, configs, override)
     table = format_tables(summary, initial)
