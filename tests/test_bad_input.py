@@ -645,6 +645,40 @@ for _id, _saved, _words in [
         (lambda saved: lambda: _resume_with(saved))(_saved))
 
 
+# --- load_plora / save_plora -------------------------------------------------------------------------------
+def _saved_plora() -> Path:
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="plora_bad_input_"))
+    pk.save_plora(plora_mlp(), folder)
+    return folder
+
+
+def _load_row(id, exc, words, model, source=_saved_plora, **kw):
+    row(f"load_plora-{id}", exc, words, lambda m, f: pk.load_plora(m, f, **kw), lambda: [model(), source()])
+
+
+row("load_plora-model-int", TypeError, "model_or_class", lambda f: pk.load_plora(42, f), lambda: [_saved_plora()])
+row("load_plora-class-without-from_pretrained", TypeError, "from_pretrained",
+    lambda f: pk.load_plora(nn.Sequential, f), lambda: [_saved_plora()])
+row("load_plora-path-int", TypeError, "path", lambda m: pk.load_plora(m, 3), lambda: [mlp()])
+row("load_plora-path-missing", FileNotFoundError, "no-such-checkpoint",
+    lambda m: pk.load_plora(m, "/nonexistent/no-such-checkpoint"), lambda: [mlp()])
+_load_row("kwargs-with-an-instance", TypeError, "from_pretrained", mlp, dtype=torch.float32)
+_load_row("r-differs", ValueError, "r=", lambda: apply_plora(mlp(), r=R + 1, alpha=2 * R))
+_load_row("alpha-differs", ValueError, "alpha=", lambda: apply_plora(mlp(), r=R, alpha=R))
+_load_row("momentum-differs", ValueError, "momentum=", lambda: apply_plora(mlp(), r=R, alpha=2 * R, momentum=0.5))
+_load_row("target_modules-differ", ValueError, "target_modules",
+          lambda: apply_plora(mlp(), target_modules=["fc1"], r=R, alpha=2 * R))
+_load_row("adapters-without-record-into-plain", ValueError, ("no record", "apply_plora"), mlp,
+          lambda: plora_mlp().state_dict())
+_load_row("plain-checkpoint-into-patched", ValueError, "no PLoRA adapters", plora_mlp, lambda: mlp().state_dict())
+_load_row("state-dict-of-non-tensors", ValueError, "tensor", plora_mlp, lambda: {"fc1.weight": 1.0})
+row("save_plora-model-int", TypeError, "model", lambda: pk.save_plora(42, "unused"))
+row("save_plora-path-int", TypeError, "path", lambda m: pk.save_plora(m, 3), lambda: [plora_mlp()])
+row("save_plora-kwargs-for-a-plain-module", TypeError, "save_pretrained",
+    lambda m, f: pk.save_plora(m, f / "out", safe_serialization=True), lambda: [plora_mlp(), _saved_plora()])
+
+
 # ------------------------------------------------------------------------------------------ the test
 
 def _params():
