@@ -13,8 +13,9 @@ from .checkpoint import load_plora, save_plora
 from .nn import PLoRALinear, apply_plora, merge_plora, plora_layers, unload_all_
 from .ops import lora_linear, unload_
 from .train import PeriodicUnloader, auto_every, stage_cosine_schedule
+from .version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 __all__ = [
     "lora_linear", "unload_", "PLoRALinear", "apply_plora", "unload_all_", "merge_plora", "plora_layers",
     "PeriodicUnloader", "stage_cosine_schedule", "auto_every", "implementation", "load_plora", "save_plora",

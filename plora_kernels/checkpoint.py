@@ -40,12 +40,12 @@ from .nn.patching import (
     RECORD_FORMAT,
     RECORD_KEY,
     RECORD_SETTINGS,
-    _apply_plora,
-    _matcher,
-    _record_config,
+    module_matcher,
+    patch_model,
     plan_calls,
     plora_layers,
     plora_record,
+    record_config,
     set_plora_record,
     snapshot_record,
 )
@@ -185,7 +185,7 @@ def _check_record(record, where: str) -> dict:
             raise bad(f"call {i + 1} must be a dict with the keys {list(RECORD_SETTINGS)}, got {call!r}")
         try:
             targets = call["target_modules"]
-            _matcher(targets)
+            module_matcher(targets)
             dtype = _dtype(call["adapter_dtype"])
             momentum = check_layer_args(call["r"], call["alpha"], call["momentum"], call["rounding"], dtype,
                                         call["lora_dropout"])
@@ -232,7 +232,7 @@ def _patch_hint() -> str:
 def _expected_per_layer(calls: list[dict], names: list[str]) -> dict[str, dict]:
     """For each adapted layer of a checkpoint, the settings of the first recorded call whose target_modules match
     it (a later call leaves a patched layer alone)."""
-    matchers = [_matcher(call["target_modules"]) for call in calls]
+    matchers = [module_matcher(call["target_modules"]) for call in calls]
     out = {}
     for name in names:
         for call, match in zip(calls, matchers):
@@ -333,7 +333,7 @@ def _replay(model: nn.Module, calls: list[dict]) -> None:
         for call in calls:
             kw = {"momentum": call["momentum"], "rounding": call["rounding"], "lora_dropout": call["lora_dropout"],
                   "adapter_dtype": _dtype(call["adapter_dtype"])}
-            _apply_plora(model, call["target_modules"], call["r"], call["alpha"], kw, replay=True)
+            patch_model(model, call["target_modules"], call["r"], call["alpha"], kw, replay=True)
 
 
 @torch.no_grad()
@@ -477,7 +477,7 @@ def _load_into_class(cls, path, kwargs: dict) -> nn.Module:
         raise ValueError(f"load_plora: {cls.__name__}.from_pretrained({str(path)!r}) did not load the checkpoint "
                          f"exactly: unexpected {unexpected[:6]}, missing {missing[:6]}, mismatched {mismatched[:6]}; "
                          "use the model class the checkpoint was saved from")
-    if _record_config(model) is not None:
+    if record_config(model) is not None:
         set_plora_record(model, None)  # from config.json: the replay below records the calls again
     if not saved:
         return model
@@ -509,7 +509,7 @@ def save_plora(model: nn.Module, path, **save_pretrained_kwargs) -> str:
         raise TypeError(f"save_plora: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise TypeError(f"save_plora: path must be a folder path, got {path!r}")
-    transformers_model = _record_config(model) is not None
+    transformers_model = record_config(model) is not None
     if save_pretrained_kwargs and not transformers_model:
         raise TypeError(f"save_plora: keyword arguments {sorted(save_pretrained_kwargs)} go to save_pretrained, which "
                         f"{type(model).__name__} does not have")

@@ -380,3 +380,32 @@ def test_merge_removes_the_record_and_apply_records_each_call():
         warnings.simplefilter("error")  # merged, then patched again: no stale-record warning
         pk.apply_plora(model, ["k_proj"], r=2, alpha=2)
     assert len(model.config.plora["calls"]) == 1
+
+
+def test_the_callback_writes_the_merged_model_at_the_end_when_asked(tmp_path):
+    """PLoRACallback(merged_output=...) ends training by writing what merge_plora would make, as a plain
+    checkpoint: transformers alone loads it with no unexpected or missing key, its logits are the merged model's,
+    its config holds no PLoRA record, and the training model is left patched and unchanged."""
+    from transformers import Trainer, TrainingArguments
+
+    from plora_kernels.integrations.transformers import PLoRACallback
+
+    model = fresh(lora_dropout=0.0)
+    data = [{"input_ids": x, "labels": x} for x in torch.cat(batches(4)).split(1)]
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no")
+    out = tmp_path / "merged"
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[PLoRACallback(every=4, merged_output=out)]).train()
+    layers = [layer for _, layer in pk.plora_layers(model)]
+    assert layers and int(layers[0].num_unloads) >= 1  # still patched, and it unloaded
+    assert "plora" not in json.loads((out / "config.json").read_text()) and plora_record(model) is not None
+
+    loaded, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    reference = fresh(lora_dropout=0.0)
+    reference.load_state_dict(model.state_dict())
+    pk.merge_plora(reference)
+    x = batches(1, seed=7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=x).logits, reference.eval()(input_ids=x).logits,
+                                   rtol=0, atol=0)

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..nn.patching import plora_layers
+from ..nn.patching import RECORD_KEY, plora_layers
 from ..ops.checks import check_int, check_momentum
 from ..train.unloader import (
     OPTIMIZER_RESETS,
@@ -80,6 +80,29 @@ def _sq_norm(layers) -> torch.Tensor | None:
     return total
 
 
+def save_merged(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Write ``model`` with ``save_pretrained`` as the plain model :func:`plora_kernels.merge_plora` would make of it
+    (each PLoRALinear's weight merged and rounded once, no adapters, no PLoRA record in its config), without
+    changing it: the state dict is built one layer at a time, each merged weight moved to the CPU."""
+    layers = dict(plora_layers(model))
+    state = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers:
+            if leaf not in ("weight", "bias"):
+                continue  # lora_A, lora_B and the unload count: a plain Linear has none
+            if leaf == "weight":
+                value = layers[owner].merged_linear(owner).weight
+        state[key] = value.detach().to("cpu")
+    config = getattr(model, "config", None)
+    record = config.__dict__.pop(RECORD_KEY, None) if config is not None else None
+    try:
+        model.save_pretrained(folder, state_dict=state)
+    finally:
+        if record is not None:
+            setattr(config, RECORD_KEY, record)
+
+
 class PLoRACallback(TrainerCallback, ExportableState):
     """Unload every PLoRALinear of the Trainer's model every ``every`` optimizer steps.
 
@@ -100,6 +123,10 @@ class PLoRACallback(TrainerCallback, ExportableState):
         optimizer_reset: the adapters' optimizer-state policy at an unload, "zero", "scale" or "keep"; None
             picks "zero" when every layer has momentum 0, else "scale" (see :class:`PeriodicUnloader`).
         seed: base seed of the fresh lora_A draws and of stochastic rounding (the same on every rank).
+        merged_output: if given, a folder where the end of training writes the model merged (plain nn.Linear
+            layers holding W + s B A, rounded once to nearest, as :func:`plora_kernels.merge_plora` gives) with
+            ``save_pretrained``, on the main process: a checkpoint any transformers install loads. The training
+            model is left as it is; one layer's merged weight at a time is made, then moved to the CPU.
 
     Logs (added to each Trainer log after the first unload): ``plora/unloads`` (unloads so far) and
     ``plora/delta_norm`` (Frobenius norm, over all layers together, of the update merged at the last unload).
@@ -113,7 +140,7 @@ class PLoRACallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, every: int | str = "auto", momentum: float | None = None, optimizer_reset: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, merged_output: str | os.PathLike | None = None):
         # checked here as well as in PeriodicUnloader so that a bad value fails when the Trainer is built,
         # not minutes later when training begins
         if not is_auto(every):
@@ -123,7 +150,10 @@ class PLoRACallback(TrainerCallback, ExportableState):
         if optimizer_reset is not None and optimizer_reset not in OPTIMIZER_RESETS:
             raise ValueError(f"optimizer_reset must be one of {OPTIMIZER_RESETS} or None, got {optimizer_reset!r}")
         check_int("seed", seed, error=TypeError)
+        if merged_output is not None and not isinstance(merged_output, (str, os.PathLike)):
+            raise TypeError(f"merged_output must be a folder path or None, got {type(merged_output).__name__}")
         self.every, self.momentum, self.optimizer_reset, self.seed = every, momentum, optimizer_reset, seed
+        self.merged_output = merged_output
         self.unloader: PeriodicUnloader | None = None
         self._global_step: int | None = None  # the Trainer step the unloader's state belongs to
         self.last_delta_norm: float | None = None
@@ -188,6 +218,10 @@ class PLoRACallback(TrainerCallback, ExportableState):
             self._pending_sq_norm = _sq_norm(u.layers)
         u.step()  # counts the optimizer steps that happened: none if this one was skipped (fp16 overflow)
         self._global_step = state.global_step
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.merged_output is not None and state.is_world_process_zero and model is not None:
+            save_merged(getattr(model, "module", model), self.merged_output)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.unloader is None or self.unloader.num_unloads == 0 or logs is None:

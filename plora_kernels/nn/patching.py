@@ -56,7 +56,7 @@ def plora_layers(model: nn.Module) -> Iterator[tuple[str, PLoRALinear]]:
 
 
 # --------------------------------------------------------------------------------------------- the record
-def _record_config(model: nn.Module):
+def record_config(model: nn.Module):
     """The transformers config that carries the record into config.json, or None for another module."""
     config = getattr(model, "config", None)
     if (config is not None and callable(getattr(config, "to_json_string", None))
@@ -68,14 +68,14 @@ def _record_config(model: nn.Module):
 def plora_record(model: nn.Module) -> dict | None:
     """The PLoRA record of ``model`` (a copy): ``{"format", "package_version", "calls": [settings of each
     apply_plora call]}``, or None when nothing is recorded (see the module docstring)."""
-    config = _record_config(model)
+    config = record_config(model)
     record = getattr(config, RECORD_KEY, None) if config is not None else vars(model).get(_RECORD_ATTR)
     return copy.deepcopy(record) if record is not None else None
 
 
 def set_plora_record(model: nn.Module, record: dict | None) -> None:
     """Store ``record`` (a copy) as the model's PLoRA record; None removes it."""
-    config = _record_config(model)
+    config = record_config(model)
     if record is None:
         if config is not None and hasattr(config, RECORD_KEY):
             delattr(config, RECORD_KEY)
@@ -93,9 +93,9 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 
 def _new_record(calls: list[dict]) -> dict:
-    from .. import __version__
+    from ..version import VERSION
 
-    return {"format": RECORD_FORMAT, "package_version": __version__, "calls": calls}
+    return {"format": RECORD_FORMAT, "package_version": VERSION, "calls": calls}
 
 
 def _call_settings(target_modules, r, alpha, momentum, kw, layers: int) -> dict:
@@ -151,7 +151,7 @@ def _output_head_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def _matcher(target_modules):
+def module_matcher(target_modules):
     if target_modules is None:
         return None
     if isinstance(target_modules, str):  # as PEFT: a string is a regex matched against the full name
@@ -272,7 +272,7 @@ def apply_plora(model: nn.Module, target_modules: str | Iterable[str] | None = N
     if unknown:
         raise TypeError(f"apply_plora got unexpected keyword arguments {unknown}; it takes target_modules, r, alpha "
                         f"and {', '.join(LAYER_KWARGS)}")
-    return _apply_plora(model, target_modules, r, alpha, kw, replay=False)
+    return patch_model(model, target_modules, r, alpha, kw, replay=False)
 
 
 def _targets(target_modules):
@@ -286,7 +286,7 @@ def _targets(target_modules):
 def _select(model: nn.Module, target_modules, taken: set[int] = frozenset()) -> list[tuple[str, nn.Linear]]:
     """The (name, nn.Linear) that apply_plora(model, target_modules) patches, leaving out the modules whose ids
     are in ``taken`` (those an earlier call of a plan patches). Raises for a bad target_modules."""
-    match = _matcher(target_modules)
+    match = module_matcher(target_modules)
     skip = _output_head_ids(model) if match is None else set()
     return [(name, m) for name, m in model.named_modules()
             if name and type(m) is nn.Linear and id(m) not in skip and id(m) not in taken
@@ -308,14 +308,14 @@ def plan_calls(model: nn.Module, calls: list[dict]) -> list[list[str]]:
     return out
 
 
-def _apply_plora(model: nn.Module, target_modules, r, alpha, kw: dict, replay: bool) -> nn.Module:
+def patch_model(model: nn.Module, target_modules, r, alpha, kw: dict, replay: bool) -> nn.Module:
     """apply_plora once its model and keywords are checked; ``replay``: rebuilding a recorded call (no warning
     about an untied weight or a stale record: the run that made the record gave them)."""
     target_modules = _targets(target_modules)
     momentum = check_layer_args(r, alpha, **kw)
     chosen = _select(model, target_modules)
     if not chosen:
-        match = _matcher(target_modules)
+        match = module_matcher(target_modules)
         done = [name for name, _ in plora_layers(model) if match is None or match(name)]
         linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
         hint = f"; already PLoRALinear: {done[:20]}" if done else ""
